@@ -1,0 +1,486 @@
+//! Caption generation: greedy search and beam search, step for step as transformers'
+//! `GenerationMixin` (v4.57) does it, over any decoder that implements [`DecoderSession`].
+//!
+//! The decoder runs with one row per hypothesis; generation only asks it for the next-token
+//! logits of every row and tells it which rows survive (beam reordering). Graph layouts (Optimum's
+//! export, the project's fast export, the candle model) plug in through that trait.
+
+use std::path::Path;
+
+use ndarray::{Array2, ArrayView1};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// A running decoder over `rows` hypotheses that all attend to one image.
+pub trait DecoderSession {
+    /// Feeds one token per row (the token just appended to each hypothesis) and returns the
+    /// next-token logits, `[rows, vocab]`.
+    fn step(&mut self, tokens: &[u32]) -> Result<Array2<f32>>;
+    /// Keeps the rows `rows` (in that order, repeats allowed) for the next step.
+    fn reorder(&mut self, rows: &[usize]) -> Result<()>;
+}
+
+impl<T: DecoderSession + ?Sized> DecoderSession for Box<T> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Array2<f32>> {
+        (**self).step(tokens)
+    }
+    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        (**self).reorder(rows)
+    }
+}
+
+/// transformers' `early_stopping`: `true`, `false` (heuristic) or `"never"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EarlyStopping {
+    Bool(bool),
+    Never(NeverTag),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NeverTag {
+    Never,
+}
+
+impl EarlyStopping {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "true" => Some(EarlyStopping::Bool(true)),
+            "false" => Some(EarlyStopping::Bool(false)),
+            "never" => Some(EarlyStopping::Never(NeverTag::Never)),
+            _ => None,
+        }
+    }
+}
+
+/// `eos_token_id` may be one id or a list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(x) => vec![*x],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The generation settings of `generation_config.json` that this decoder honours.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    /// Total decoder length, decoder start token included (transformers' meaning).
+    pub max_length: usize,
+    pub min_length: usize,
+    pub num_beams: usize,
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+    pub no_repeat_ngram_size: usize,
+    pub decoder_start_token_id: u32,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawGenerationConfig {
+    max_length: Option<usize>,
+    max_new_tokens: Option<usize>,
+    min_length: Option<usize>,
+    num_beams: Option<usize>,
+    length_penalty: Option<f32>,
+    early_stopping: Option<EarlyStopping>,
+    no_repeat_ngram_size: Option<usize>,
+    decoder_start_token_id: Option<u32>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<OneOrMany>,
+    pad_token_id: Option<u32>,
+    do_sample: Option<bool>,
+    repetition_penalty: Option<f32>,
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json` if present; fields it lacks come from `config.json` and
+    /// then from transformers' defaults, as `from_pretrained` does.
+    pub fn from_bundle(path: &Path, model: &ModelConfig) -> Result<Self> {
+        let raw: RawGenerationConfig = if path.is_file() {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
+            serde_json::from_str(&text).map_err(|e| Error::bundle(path, format!("not a valid generation config: {e}")))?
+        } else {
+            tracing::info!(path = %path.display(), "no generation_config.json: using config.json and transformers' defaults");
+            RawGenerationConfig::default()
+        };
+        if raw.do_sample == Some(true) {
+            tracing::warn!("generation config asks for sampling; captions are decoded deterministically");
+        }
+        if raw.repetition_penalty.is_some_and(|p| p != 1.0) {
+            tracing::warn!("repetition_penalty is not supported and is ignored");
+        }
+        let dec = &model.decoder;
+        let decoder_start_token_id = raw
+            .decoder_start_token_id
+            .or(model.decoder_start_token_id)
+            .or(raw.bos_token_id)
+            .or(dec.bos_token_id)
+            .ok_or_else(|| Error::bundle(path, "no decoder_start_token_id (nor bos_token_id) in generation_config.json or config.json"))?;
+        let eos_token_ids = raw
+            .eos_token_id
+            .map(|e| e.to_vec())
+            .or(model.eos_token_id.map(|e| vec![e]))
+            .or(dec.eos_token_id.map(|e| vec![e]))
+            .ok_or_else(|| Error::bundle(path, "no eos_token_id in generation_config.json or config.json"))?;
+        let pad_token_id = raw.pad_token_id.or(model.pad_token_id).or(dec.pad_token_id).unwrap_or(eos_token_ids[0]);
+        let max_length = match (raw.max_new_tokens, raw.max_length) {
+            (Some(n), _) => n + 1,
+            (None, Some(m)) => m,
+            (None, None) => 20,
+        };
+        let cfg = GenerationConfig {
+            max_length,
+            min_length: raw.min_length.unwrap_or(0),
+            num_beams: raw.num_beams.unwrap_or(1),
+            length_penalty: raw.length_penalty.unwrap_or(1.0),
+            early_stopping: raw.early_stopping.unwrap_or(EarlyStopping::Bool(false)),
+            no_repeat_ngram_size: raw.no_repeat_ngram_size.unwrap_or(0),
+            decoder_start_token_id,
+            eos_token_ids,
+            pad_token_id,
+        };
+        cfg.validate().map_err(|e| Error::bundle(path, e))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_beams == 0 {
+            return Err("num_beams must be at least 1".into());
+        }
+        if self.max_length < 2 {
+            return Err("max_length must be at least 2 (the decoder start token plus one)".into());
+        }
+        if self.eos_token_ids.is_empty() {
+            return Err("eos_token_id is empty".into());
+        }
+        if !self.length_penalty.is_finite() {
+            return Err("length_penalty must be a finite number".into());
+        }
+        Ok(())
+    }
+}
+
+/// One generated caption.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Generated {
+    /// Generated ids without the decoder start token, up to and including `</s>` when produced.
+    pub tokens: Vec<u32>,
+    /// Sum of the token log-probabilities divided by `len ^ length_penalty` (transformers'
+    /// `sequences_scores` for beam search; the same formula for greedy).
+    pub score: f32,
+    /// Decoder steps run.
+    pub steps: usize,
+}
+
+/// Runs greedy or beam search. `start(rows)` opens a decoder session over `rows` rows.
+pub fn generate<S, F>(cfg: &GenerationConfig, start: F) -> Result<Generated>
+where
+    S: DecoderSession,
+    F: FnOnce(usize) -> Result<S>,
+{
+    cfg.validate().map_err(|e| Error::setting("generation", e))?;
+    if cfg.num_beams == 1 {
+        greedy(cfg, start(1)?)
+    } else {
+        beam_search(cfg, start(cfg.num_beams)?)
+    }
+}
+
+fn log_softmax(row: ArrayView1<f32>) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    let log_sum = sum.ln();
+    // torch's order of operations: (x - max) - log(sum).
+    row.iter().map(|&x| (x - max) - log_sum).collect()
+}
+
+/// transformers' `MinLengthLogitsProcessor` and `NoRepeatNGramLogitsProcessor`, on one row.
+/// `seq` is the hypothesis so far, decoder start token included.
+fn apply_processors(cfg: &GenerationConfig, seq: &[u32], scores: &mut [f32]) {
+    if seq.len() < cfg.min_length {
+        for &e in &cfg.eos_token_ids {
+            if let Some(s) = scores.get_mut(e as usize) {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let n = cfg.no_repeat_ngram_size;
+    if n > 0 && seq.len() + 1 >= n {
+        let prefix = &seq[seq.len() + 1 - n..];
+        for w in seq.windows(n) {
+            if &w[..n - 1] == prefix {
+                if let Some(s) = scores.get_mut(w[n - 1] as usize) {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+}
+
+fn strip(cfg: &GenerationConfig, seq: &[u32]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for &t in &seq[1..] {
+        out.push(t);
+        if cfg.eos_token_ids.contains(&t) {
+            break;
+        }
+    }
+    out
+}
+
+fn length_norm(len: usize, length_penalty: f32) -> f32 {
+    // transformers divides by a Python float: (int ** float) computed in double precision.
+    (len as f64).powf(length_penalty as f64) as f32
+}
+
+/// transformers' `_sample` with `do_sample=False`: processors on the raw logits, argmax.
+fn greedy<S: DecoderSession>(cfg: &GenerationConfig, mut sess: S) -> Result<Generated> {
+    let mut seq = vec![cfg.decoder_start_token_id];
+    let mut logprob_sum = 0.0f32;
+    let mut steps = 0;
+    loop {
+        let last = seq[seq.len() - 1];
+        let logits = sess.step(&[last])?;
+        steps += 1;
+        let mut scores = logits.row(0).to_vec();
+        apply_processors(cfg, &seq, &mut scores);
+        // First maximum, as torch.argmax.
+        let mut best = 0usize;
+        for (i, &s) in scores.iter().enumerate() {
+            if s > scores[best] {
+                best = i;
+            }
+        }
+        let lp = log_softmax(ArrayView1::from(&scores[..]));
+        logprob_sum += lp[best];
+        seq.push(best as u32);
+        if cfg.eos_token_ids.contains(&(best as u32)) || seq.len() >= cfg.max_length {
+            break;
+        }
+    }
+    let tokens = strip(cfg, &seq);
+    let score = logprob_sum / length_norm(tokens.len(), cfg.length_penalty);
+    Ok(Generated { tokens, score, steps })
+}
+
+struct Candidate {
+    score: f32,
+    beam: usize,
+    token: u32,
+}
+
+/// transformers' vectorised `_beam_search` (v4.57) for one image: top-2k continuations over all
+/// beams, the best k unfinished continue, finished ones compete for the k output slots.
+fn beam_search<S: DecoderSession>(cfg: &GenerationConfig, mut sess: S) -> Result<Generated> {
+    const NEG: f32 = -1.0e9;
+    let k = cfg.num_beams;
+    let n_eos = cfg.eos_token_ids.len();
+    let keep = (1 + n_eos).max(2) * k;
+    let prompt_len = 1usize;
+    let never = matches!(cfg.early_stopping, EarlyStopping::Never(_));
+    let early_true = cfg.early_stopping == EarlyStopping::Bool(true);
+
+    let mut running: Vec<Vec<u32>> = vec![vec![cfg.decoder_start_token_id]; k];
+    let mut running_scores = vec![NEG; k];
+    running_scores[0] = 0.0;
+    // Finished slots: sequence, score, whether it is really finished.
+    let mut finished: Vec<(Vec<u32>, f32, bool)> = vec![(vec![cfg.decoder_start_token_id], NEG, false); k];
+    let mut improvement_possible = true;
+    let mut cur_len = prompt_len;
+    let mut steps = 0;
+
+    loop {
+        let last: Vec<u32> = running.iter().map(|s| s[s.len() - 1]).collect();
+        let logits = sess.step(&last)?;
+        steps += 1;
+        let vocab = logits.ncols();
+        let mut cands: Vec<Candidate> = Vec::with_capacity(k * vocab);
+        for (b, seq) in running.iter().enumerate() {
+            let mut lp = log_softmax(logits.row(b));
+            apply_processors(cfg, seq, &mut lp);
+            for (t, v) in lp.into_iter().enumerate() {
+                cands.push(Candidate { score: v + running_scores[b], beam: b, token: t as u32 });
+            }
+        }
+        // torch.topk: descending; among equal scores the lower flat index first.
+        let nth = keep.min(cands.len()) - 1;
+        cands.select_nth_unstable_by(nth, |a, b| {
+            b.score.total_cmp(&a.score).then((a.beam * vocab + a.token as usize).cmp(&(b.beam * vocab + b.token as usize)))
+        });
+        cands.truncate(keep);
+        cands.sort_by(|a, b| {
+            b.score.total_cmp(&a.score).then((a.beam * vocab + a.token as usize).cmp(&(b.beam * vocab + b.token as usize)))
+        });
+        let top_seqs: Vec<Vec<u32>> = cands
+            .iter()
+            .map(|c| {
+                let mut s = running[c.beam].clone();
+                s.push(c.token);
+                s
+            })
+            .collect();
+        let hits: Vec<bool> = cands
+            .iter()
+            .map(|c| cfg.eos_token_ids.contains(&c.token) || cur_len + 1 >= cfg.max_length)
+            .collect();
+
+        // Beams that continue: the best k continuations that did not stop.
+        let mut order: Vec<usize> = (0..cands.len()).collect();
+        let run_score = |i: usize| cands[i].score + if hits[i] { NEG } else { 0.0 };
+        order.sort_by(|&a, &b| run_score(b).total_cmp(&run_score(a)).then(a.cmp(&b)));
+        let next: Vec<usize> = order[..k].to_vec();
+
+        // Finished hypotheses: merge the new ones with the old, keep the best k.
+        let all_finished = finished.iter().all(|f| f.2);
+        let mut merged: Vec<(Vec<u32>, f32, bool)> = finished.clone();
+        for (i, c) in cands.iter().enumerate() {
+            let just_finished = hits[i] && i < k;
+            let mut s = c.score / length_norm(cur_len + 1 - prompt_len, cfg.length_penalty);
+            if all_finished && early_true {
+                s += NEG;
+            }
+            if !improvement_possible {
+                s += NEG;
+            }
+            if !just_finished {
+                s += NEG;
+            }
+            merged.push((top_seqs[i].clone(), s, just_finished));
+        }
+        let mut midx: Vec<usize> = (0..merged.len()).collect();
+        midx.sort_by(|&a, &b| merged[b].1.total_cmp(&merged[a].1).then(a.cmp(&b)));
+        finished = midx[..k].iter().map(|&i| merged[i].clone()).collect();
+
+        running = next.iter().map(|&i| top_seqs[i].clone()).collect();
+        running_scores = next.iter().map(|&i| run_score(i)).collect();
+        let rows: Vec<usize> = next.iter().map(|&i| cands[i].beam).collect();
+        cur_len += 1;
+
+        // Can a running beam still beat the worst finished one?
+        let best_len = if never && cfg.length_penalty > 0.0 { cfg.max_length - prompt_len } else { cur_len - prompt_len };
+        let best_running = running_scores[0] / length_norm(best_len, cfg.length_penalty);
+        let min_finished = finished.iter().map(|f| f.1).fold(f32::INFINITY, f32::min);
+        let can_improve = finished.iter().any(|f| best_running > if f.2 { min_finished } else { NEG });
+        improvement_possible = improvement_possible && can_improve;
+
+        let open_beam = !(finished.iter().all(|f| f.2) && early_true);
+        let valid_continuations = !hits.iter().all(|&h| h);
+        if !(improvement_possible && open_beam && valid_continuations) {
+            break;
+        }
+        sess.reorder(&rows)?;
+    }
+    let (best, score, _) = &finished[0];
+    Ok(Generated { tokens: strip(cfg, best), score: *score, steps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A decoder whose logits depend only on the last token: a fixed transition table.
+    struct Table {
+        table: Vec<Vec<f32>>,
+        rows: usize,
+    }
+
+    impl DecoderSession for &mut Table {
+        fn step(&mut self, tokens: &[u32]) -> Result<Array2<f32>> {
+            assert_eq!(tokens.len(), self.rows);
+            let v = self.table[0].len();
+            let mut out = Array2::zeros((tokens.len(), v));
+            for (r, &t) in tokens.iter().enumerate() {
+                for (j, x) in self.table[t as usize].iter().enumerate() {
+                    out[[r, j]] = *x;
+                }
+            }
+            Ok(out)
+        }
+        fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+            assert_eq!(rows.len(), self.rows);
+            Ok(())
+        }
+    }
+
+    fn cfg(num_beams: usize) -> GenerationConfig {
+        GenerationConfig {
+            max_length: 6,
+            min_length: 0,
+            num_beams,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Bool(false),
+            no_repeat_ngram_size: 0,
+            decoder_start_token_id: 0,
+            eos_token_ids: vec![2],
+            pad_token_id: 1,
+        }
+    }
+
+    #[test]
+    fn greedy_follows_argmax_and_stops_at_eos() {
+        // 0 -> 3 -> 4 -> 2 (eos)
+        let mut t = Table {
+            table: vec![
+                vec![0., 0., 0., 5., 1.],
+                vec![0.; 5],
+                vec![0.; 5],
+                vec![0., 0., 1., 0., 5.],
+                vec![0., 0., 5., 1., 0.],
+            ],
+            rows: 1,
+        };
+        let g = generate(&cfg(1), |_| Ok(&mut t)).unwrap();
+        assert_eq!(g.tokens, vec![3, 4, 2]);
+        assert_eq!(g.steps, 3);
+    }
+
+    #[test]
+    fn min_length_and_ngram_block() {
+        let mut c = cfg(1);
+        c.min_length = 4;
+        c.no_repeat_ngram_size = 2;
+        // From 3, eos is best but banned until length 4; 3 -> 3 repeats are then banned.
+        let mut t = Table {
+            table: vec![vec![0., 0., 0., 5., 1.], vec![0.; 5], vec![0.; 5], vec![0., 0., 9., 4., 3.], vec![0., 0., 9., 5., 0.]],
+            rows: 1,
+        };
+        let g = generate(&c, |_| Ok(&mut t)).unwrap();
+        // seq: 0 3 (eos banned, len 2) 3 (eos banned, len 3; 3-3 not yet seen) then 4? (3,3) seen,
+        // so after [0,3,3] the bigram (3,3) is banned -> 4; len 4 allows eos.
+        assert_eq!(g.tokens, vec![3, 3, 4, 2]);
+    }
+
+    #[test]
+    fn beam_search_finds_better_total_than_greedy() {
+        // Greedy takes 3 (logit 5) then is stuck with a poor continuation; beam finds 4 -> 2.
+        let mut t = Table {
+            table: vec![
+                vec![-9., -9., -9., 2.0, 1.8],
+                vec![0.; 5],
+                vec![0.; 5],
+                vec![-9., -9., 0., 0., 0.],
+                vec![-9., -9., 9., -9., -9.],
+            ],
+            rows: 1,
+        };
+        let g = generate(&cfg(1), |_| Ok(&mut t)).unwrap();
+        assert_eq!(g.tokens[0], 3);
+        t.rows = 2;
+        let b = generate(&cfg(2), |_| Ok(&mut t)).unwrap();
+        assert_eq!(b.tokens, vec![4, 2]);
+        assert!(b.score > g.score);
+    }
+}

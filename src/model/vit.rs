@@ -1,0 +1,180 @@
+//! ViT encoder (transformers' `ViTModel`): patch embedding, CLS token, learned position
+//! embeddings, pre-norm blocks, final layer norm. Names as in a `ViTModel` checkpoint.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+
+use super::{attention, dropout, linear, merge_heads, split_heads, Activation, LayerNorm};
+use crate::config::VitConfig;
+
+/// ViT's `initializer_range` default; only used for tensors a checkpoint lacks (the pooler).
+const INIT_STD: f64 = 0.02;
+
+fn init() -> Init {
+    Init::Randn { mean: 0.0, stdev: INIT_STD }
+}
+
+#[derive(Debug, Clone)]
+pub struct VitEmbeddings {
+    cls_token: Tensor,
+    position_embeddings: Tensor,
+    /// The 16x16 stride-16 convolution's kernel `[hidden, channels, patch, patch]`.
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    patch_size: usize,
+    image_size: usize,
+    dropout: f64,
+}
+
+impl VitEmbeddings {
+    pub fn load(vb: VarBuilder, cfg: &VitConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let p = cfg.patch_size;
+        let cls_token = vb.get_with_hints((1, 1, d), "cls_token", init())?;
+        let position_embeddings = vb.get_with_hints((1, cfg.seq_len(), d), "position_embeddings", init())?;
+        let proj = vb.pp("patch_embeddings").pp("projection");
+        let patch_weight = proj.get_with_hints((d, cfg.num_channels, p, p), "weight", init())?;
+        let patch_bias = proj.get_with_hints(d, "bias", Init::Const(0.0))?;
+        Ok(Self {
+            cls_token,
+            position_embeddings,
+            patch_weight,
+            patch_bias,
+            patch_size: p,
+            image_size: cfg.image_size,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, c, h, w) = pixel_values.dims4()?;
+        if h != self.image_size || w != self.image_size {
+            candle_core::bail!("pixel_values are {h}x{w} but the encoder expects {0}x{0} (config image_size)", self.image_size);
+        }
+        let p = self.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let d = self.patch_weight.dim(0)?;
+        // The kernel == stride convolution over non-overlapping patches is one matmul:
+        // [B, C, gh, p, gw, p] -> [B, gh, gw, C, p, p] -> [B*gh*gw, C*p*p] x [C*p*p, D].
+        let patches = pixel_values
+            .reshape(vec![b, c, gh, p, gw, p])?
+            .permute(vec![0, 2, 4, 1, 3, 5])?
+            .contiguous()?
+            .reshape((b * gh * gw, c * p * p))?;
+        let kernel = self.patch_weight.reshape((d, c * p * p))?;
+        let emb = patches.matmul(&kernel.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, d))?;
+        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let x = Tensor::cat(&[&cls, &emb], 1)?.broadcast_add(&self.position_embeddings)?;
+        dropout(&x, self.dropout, train)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VitAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    heads: usize,
+    attn_dropout: f64,
+    hidden_dropout: f64,
+}
+
+impl VitAttention {
+    pub fn load(vb: VarBuilder, cfg: &VitConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let att = vb.pp("attention");
+        Ok(Self {
+            query: linear(d, d, init(), cfg.qkv_bias, att.pp("query"))?,
+            key: linear(d, d, init(), cfg.qkv_bias, att.pp("key"))?,
+            value: linear(d, d, init(), cfg.qkv_bias, att.pp("value"))?,
+            dense: linear(d, d, init(), true, vb.pp("output").pp("dense"))?,
+            heads: cfg.num_attention_heads,
+            attn_dropout: cfg.attention_probs_dropout_prob,
+            hidden_dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let q = split_heads(&self.query.forward(x)?, self.heads)?;
+        let k = split_heads(&self.key.forward(x)?, self.heads)?;
+        let v = split_heads(&self.value.forward(x)?, self.heads)?;
+        let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+        let ctx = merge_heads(&attention(&q, &k, &v, scale, None, self.attn_dropout, train)?)?;
+        dropout(&self.dense.forward(&ctx)?, self.hidden_dropout, train)
+    }
+}
+
+/// `ViTLayer`: x + attn(ln_before(x)), then + mlp(ln_after(x)).
+#[derive(Debug, Clone)]
+pub struct VitLayer {
+    layernorm_before: LayerNorm,
+    attention: VitAttention,
+    layernorm_after: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    act: Activation,
+    dropout: f64,
+}
+
+impl VitLayer {
+    pub fn load(vb: VarBuilder, cfg: &VitConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let act = Activation::from_name(&cfg.hidden_act).map_err(|e| candle_core::Error::Msg(format!("encoder.hidden_act: {e}")))?;
+        Ok(Self {
+            layernorm_before: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
+            attention: VitAttention::load(vb.pp("attention"), cfg)?,
+            layernorm_after: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("layernorm_after"))?,
+            intermediate: linear(d, cfg.intermediate_size, init(), true, vb.pp("intermediate").pp("dense"))?,
+            output: linear(cfg.intermediate_size, d, init(), true, vb.pp("output").pp("dense"))?,
+            act,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = (x + self.attention.forward(&self.layernorm_before.forward(x)?, train)?)?;
+        let h = self.act.apply(&self.intermediate.forward(&self.layernorm_after.forward(&x)?)?)?;
+        let h = dropout(&self.output.forward(&h)?, self.dropout, train)?;
+        x + h
+    }
+}
+
+/// `ViTModel`. The pooler is loaded and saved so that checkpoints round-trip, but captioning
+/// uses the last hidden state only (as `VisionEncoderDecoderModel` does).
+#[derive(Debug, Clone)]
+pub struct Vit {
+    embeddings: VitEmbeddings,
+    layers: Vec<VitLayer>,
+    layernorm: LayerNorm,
+    pooler: Option<Linear>,
+}
+
+impl Vit {
+    pub fn load(vb: VarBuilder, cfg: &VitConfig, with_pooler: bool) -> Result<Self> {
+        let embeddings = VitEmbeddings::load(vb.pp("embeddings"), cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| VitLayer::load(vb.pp("encoder").pp("layer").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let layernorm = LayerNorm::load(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layernorm"))?;
+        let pooler = if with_pooler {
+            Some(linear(cfg.hidden_size, cfg.hidden_size, init(), true, vb.pp("pooler").pp("dense"))?)
+        } else {
+            None
+        };
+        Ok(Self { embeddings, layers, layernorm, pooler })
+    }
+
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    /// `last_hidden_state`: `[batch, patches + 1, hidden]`.
+    pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = self.embeddings.forward(pixel_values, train)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, train)?;
+        }
+        self.layernorm.forward(&x)
+    }
+}
