@@ -25,17 +25,23 @@ pub enum Precision {
 pub enum GraphFiles {
     /// Optimum's `image-to-text-with-past` export.
     Optimum { encoder: PathBuf, decoder: PathBuf, decoder_with_past: PathBuf, quantized: bool },
+    /// The project's fast layout (`vitgpt2-host export`): `encoder_fast` also emits every
+    /// layer's cross-attention keys/values; `decoder_step` takes them with the self-attention
+    /// cache. Preferred when a bundle has it.
+    Fast { encoder: PathBuf, decoder_step: PathBuf, quantized: bool },
 }
 
 impl GraphFiles {
     pub fn paths(&self) -> Vec<&Path> {
         match self {
             GraphFiles::Optimum { encoder, decoder, decoder_with_past, .. } => vec![encoder, decoder, decoder_with_past],
+            GraphFiles::Fast { encoder, decoder_step, .. } => vec![encoder, decoder_step],
         }
     }
     pub fn quantized(&self) -> bool {
         match self {
             GraphFiles::Optimum { quantized, .. } => *quantized,
+            GraphFiles::Fast { quantized, .. } => *quantized,
         }
     }
 }
@@ -114,7 +120,34 @@ fn find_set(dir: &Path, suffix: &str) -> (Vec<PathBuf>, Vec<String>) {
     (found, missing)
 }
 
+/// File names of the fast layout: `encoder_fast{suffix}.onnx`, `decoder_step{suffix}.onnx`.
+pub const FAST_GRAPHS: [&str; 2] = ["encoder_fast", "decoder_step"];
+
+/// The fast layout's graphs, if both are there.
+fn find_fast(dir: &Path, quantized: bool) -> Option<GraphFiles> {
+    let suffix = if quantized { "_int8" } else { "" };
+    let encoder = find(dir, &format!("{}{suffix}.onnx", FAST_GRAPHS[0]))?;
+    let decoder_step = find(dir, &format!("{}{suffix}.onnx", FAST_GRAPHS[1]))?;
+    Some(GraphFiles::Fast { encoder, decoder_step, quantized })
+}
+
 fn find_graphs(dir: &Path, precision: Precision) -> Result<GraphFiles> {
+    // The fast layout wins over Optimum's at the same precision.
+    let fast = match precision {
+        Precision::Int8 => find_fast(dir, true),
+        Precision::Fp32 => find_fast(dir, false),
+        Precision::Auto => find_fast(dir, true).or_else(|| {
+            // fp32 fast graphs only when the bundle has no int8 Optimum set either.
+            if find_set(dir, "_quantized").1.is_empty() {
+                None
+            } else {
+                find_fast(dir, false)
+            }
+        }),
+    };
+    if let Some(f) = fast {
+        return Ok(f);
+    }
     let (int8, int8_missing) = find_set(dir, "_quantized");
     let (fp32, fp32_missing) = find_set(dir, "");
     let pick = |files: Vec<PathBuf>, quantized: bool| GraphFiles::Optimum {

@@ -2,8 +2,9 @@
 //! symbolic batch and past lengths so that one plan serves every generation step.
 //!
 //! A graph layout turns pixel values into an [`ImageEncoding`], which opens decoder sessions
-//! for generation. Optimum's layout (encoder, decoder, decoder-with-past) is implemented here;
-//! other layouts implement the same two traits.
+//! for generation. Two layouts are implemented here: Optimum's (encoder, decoder,
+//! decoder-with-past) and the project's fast layout ([`FastRuntime`], written by
+//! `vitgpt2-host export`), which the bundle prefers when it has both.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,6 +46,7 @@ pub fn load(bundle: &Bundle) -> Result<Box<dyn Runtime>> {
         GraphFiles::Optimum { encoder, decoder, decoder_with_past, .. } => {
             Ok(Box::new(OptimumRuntime::load(bundle, encoder, decoder, decoder_with_past)?))
         }
+        GraphFiles::Fast { encoder, decoder_step, .. } => Ok(Box::new(FastRuntime::load(bundle, encoder, decoder_step)?)),
     }
 }
 
@@ -115,15 +117,41 @@ impl Graph {
             let fact = InferenceFact::dt_shape(spec.dtype, spec.shape.clone());
             model.set_input_fact(ix, fact).map_err(|e| Error::bundle(path, chain(&e)))?;
         }
-        let typed = model
+        let mut typed = model
             .into_optimized()
             .map_err(|e| Error::bundle(path, format!("shapes or operators do not fit this model's config.json: {}", chain(&e))))?;
+        fold_constant_packs(&mut typed).map_err(|e| Error::bundle(path, chain(&e)))?;
         let plan = typed.into_runnable().map_err(|e| Error::bundle(path, chain(&e)))?;
         Ok(Graph { path: path.to_path_buf(), plan, inputs: input_names, outputs: output_names })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs the graph once with named inputs, timing every node: `(op, ms, nodes)` summed by
+    /// op name, slowest first (`vitgpt2-node bench --profile`).
+    pub fn profile(&self, mut named: Vec<(&str, TValue)>) -> Result<Vec<(String, f64, usize)>> {
+        let mut inputs: TVec<TValue> = tvec!();
+        for name in &self.inputs {
+            let pos = named.iter().position(|(n, _)| n == name).ok_or_else(|| Error::runtime("profile", format!("no value for input `{name}`")))?;
+            inputs.push(named.swap_remove(pos).1);
+        }
+        let mut by_op: std::collections::HashMap<String, (f64, usize)> = Default::default();
+        let mut state = tract_onnx::tract_core::plan::SimpleState::new(&self.plan).map_err(|e| Error::runtime("profile", chain(&e)))?;
+        state
+            .run_plan_with_eval(inputs, |ctx, st, node, input| {
+                let t = std::time::Instant::now();
+                let r = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
+                let e = by_op.entry(node.op().name().to_string()).or_default();
+                e.0 += t.elapsed().as_secs_f64() * 1e3;
+                e.1 += 1;
+                r
+            })
+            .map_err(|e| Error::runtime("profile", chain(&e)))?;
+        let mut v: Vec<(String, f64, usize)> = by_op.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
+        v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
+        Ok(v)
     }
 
     pub fn output_names(&self) -> &[String] {
@@ -149,6 +177,52 @@ impl Graph {
             .position(|o| o == name)
             .ok_or_else(|| Error::bundle(&self.path, format!("no output `{name}`")))
     }
+}
+
+/// Packs every constant matrix operand once, at load.
+///
+/// tract's constant folding skips a node whose constant input is larger than 4 MiB and has
+/// several consumers (so as not to duplicate big weights); a weight that also feeds a Gather
+/// (the tied token embedding / LM head) therefore stayed unpacked and was repacked at every
+/// call (38 MB for GPT-2's int8 LM head). This folds the remaining `OptMatMulPack` nodes with
+/// constant inputs: same results, one packed copy in memory.
+pub fn fold_constant_packs(model: &mut TypedModel) -> TractResult<usize> {
+    let mut folded = 0;
+    let mut skip = std::collections::HashSet::new();
+    loop {
+        let mut target = None;
+        for id in model.eval_order()? {
+            let node = model.node(id);
+            if node.op().name() == "OptMatMulPack"
+                && !skip.contains(&id)
+                && model.node_input_facts(id)?.iter().all(|f| f.konst.is_some())
+            {
+                target = Some(id);
+                break;
+            }
+        }
+        let Some(id) = target else { break };
+        let inputs: TVec<TValue> =
+            model.node_input_facts(id)?.iter().map(|f| f.konst.clone().unwrap().into_tvalue()).collect();
+        let node = model.node(id);
+        match node.op.eval_out_of_plan(inputs)? {
+            Some(out) if out.len() == 1 => {
+                let mut patch = TypedModelPatch::default();
+                let exotic = model.outlet_fact(OutletId::new(id, 0))?.exotic_fact.clone();
+                let konst = tract_onnx::tract_core::ops::konst::Const::new_with_opt_exotic_fact(out[0].clone().into_arc_tensor(), exotic)?;
+                let wire = patch.wire_node(format!("{}.folded", node.name), konst, &[])?[0];
+                patch.shunt_outside(model, id.into(), wire)?;
+                patch.apply(model)?;
+                model.compact()?;
+                folded += 1;
+                skip.clear();
+            }
+            _ => {
+                skip.insert(id);
+            }
+        }
+    }
+    Ok(folded)
 }
 
 /// Compares the dims an ONNX file declares for an input with what config.json implies.
@@ -356,6 +430,186 @@ impl DecoderSession for OptimumSession<'_> {
             let reordered = past.iter().map(|t| gather_rows("decoder", t, rows)).collect::<Result<Vec<_>>>()?;
             self.past = Some(reordered);
         }
+        Ok(())
+    }
+}
+
+/// The project's fast layout (`vitgpt2-host export`): the encoder graph also emits every
+/// decoder layer's cross-attention keys/values (`cross.{i}.key/value`, batch 1), computed once
+/// per image; one decoder-step graph takes `input_ids`, `position_ids`, the self-attention
+/// cache `past.{i}.key/value` (length P symbolic, 0 at the first step) and the cross
+/// keys/values, and returns `logits [B, vocab]` and `present.{i}.key/value`.
+pub struct FastRuntime {
+    encoder: Graph,
+    decoder_step: Graph,
+    n_layer: usize,
+    heads: usize,
+    head_dim: usize,
+    vocab_size: usize,
+}
+
+impl FastRuntime {
+    pub fn load(bundle: &Bundle, encoder: &Path, decoder_step: &Path) -> Result<Self> {
+        let cfg = &bundle.config;
+        let (h, w) = (bundle.preprocess.size.height, bundle.preprocess.size.width);
+        let enc_seq = cfg.encoder.seq_len();
+        let (n_layer, heads, head_dim) = (cfg.decoder.n_layer, cfg.decoder.n_head, cfg.decoder.head_dim());
+        if (h, w) != (cfg.encoder.image_size, cfg.encoder.image_size) {
+            return Err(Error::bundle(
+                bundle.dir.join("preprocessor_config.json"),
+                format!("size {h}x{w} differs from the encoder's image_size {} in config.json", cfg.encoder.image_size),
+            ));
+        }
+        let kv_names = |prefix: &str| -> Vec<String> {
+            (0..n_layer).flat_map(|i| [format!("{prefix}.{i}.key"), format!("{prefix}.{i}.value")]).collect()
+        };
+        let mut enc_outputs = vec!["last_hidden_state".to_string()];
+        enc_outputs.extend(kv_names("cross"));
+        let encoder = Graph::load(
+            encoder,
+            |_| vec![InputSpec { name: "pixel_values".into(), dtype: f32::datum_type(), shape: tvec![1, 3, h, w].into_iter().map(TDim::from).collect() }],
+            &enc_outputs,
+        )?;
+        let mut dec_outputs = vec!["logits".to_string()];
+        dec_outputs.extend(kv_names("present"));
+        let specs = |m: &InferenceModel| {
+            let b = TDim::from(m.sym("B"));
+            let p = TDim::from(m.sym("P"));
+            let mut v = vec![
+                InputSpec { name: "input_ids".into(), dtype: i64::datum_type(), shape: vec![b.clone(), 1.into()] },
+                InputSpec { name: "position_ids".into(), dtype: i64::datum_type(), shape: vec![b.clone(), 1.into()] },
+            ];
+            for name in kv_names("past") {
+                v.push(InputSpec {
+                    name,
+                    dtype: f32::datum_type(),
+                    shape: vec![b.clone(), heads.into(), p.clone(), head_dim.into()],
+                });
+            }
+            for name in kv_names("cross") {
+                v.push(InputSpec {
+                    name,
+                    dtype: f32::datum_type(),
+                    shape: vec![1.into(), heads.into(), enc_seq.into(), head_dim.into()],
+                });
+            }
+            v
+        };
+        let decoder_step = Graph::load(decoder_step, specs, &dec_outputs)?;
+        let rt = FastRuntime { encoder, decoder_step, n_layer, heads, head_dim, vocab_size: cfg.decoder.vocab_size };
+        let idx = rt.decoder_step.output_index("logits")?;
+        let fact = rt.decoder_step.plan.model().output_fact(idx).map_err(|e| Error::bundle(rt.decoder_step.path(), chain(&e)))?;
+        if let Some(Ok(v)) = fact.shape.iter().last().map(|d| d.to_i64()) {
+            if v as usize != rt.vocab_size {
+                return Err(Error::bundle(
+                    rt.decoder_step.path(),
+                    format!("logits have {v} entries but config.json says vocab_size = {}", rt.vocab_size),
+                ));
+            }
+        }
+        Ok(rt)
+    }
+}
+
+impl FastRuntime {
+    /// The encoder and decoder-step graphs (for profiling).
+    pub fn graphs(&self) -> (&Graph, &Graph) {
+        (&self.encoder, &self.decoder_step)
+    }
+
+    /// Shape of one layer's self-attention cache for `rows` hypotheses and `past` positions.
+    pub fn past_shape(&self, rows: usize, past: usize) -> [usize; 4] {
+        [rows, self.heads, past, self.head_dim]
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.n_layer
+    }
+}
+
+impl Runtime for FastRuntime {
+    fn encode(&self, pixel_values: Array4<f32>) -> Result<Box<dyn ImageEncoding + '_>> {
+        let out = self.encoder.run("encoder", vec![("pixel_values", pixel_values.into_tensor().into_tvalue())])?;
+        let mut cross = Vec::with_capacity(2 * self.n_layer);
+        for i in 0..self.n_layer {
+            for kv in ["key", "value"] {
+                cross.push(out[self.encoder.output_index(&format!("cross.{i}.{kv}"))?].clone());
+            }
+        }
+        Ok(Box::new(FastEncoding { rt: self, cross }))
+    }
+
+    fn describe(&self) -> String {
+        format!("fast layout: {}, {}", self.encoder.path().display(), self.decoder_step.path().display())
+    }
+}
+
+struct FastEncoding<'a> {
+    rt: &'a FastRuntime,
+    /// `cross.{i}.key/value`, `[1, heads, enc_seq, head_dim]`, layer by layer, key before value.
+    cross: Vec<TValue>,
+}
+
+impl ImageEncoding for FastEncoding<'_> {
+    fn session(&self, rows: usize) -> Result<Box<dyn DecoderSession + '_>> {
+        let rt = self.rt;
+        let empty = Tensor::zero::<f32>(&[rows, rt.heads, 0, rt.head_dim])
+            .map_err(|e| Error::runtime("decoder", chain(&e)))?
+            .into_tvalue();
+        Ok(Box::new(FastSession { rt, cross: &self.cross, past: vec![empty; 2 * rt.n_layer], position: 0 }))
+    }
+}
+
+struct FastSession<'a> {
+    rt: &'a FastRuntime,
+    cross: &'a [TValue],
+    /// `past.{i}.key/value`, layer by layer, key before value.
+    past: Vec<TValue>,
+    /// Positions already decoded (the same for every row).
+    position: usize,
+}
+
+impl DecoderSession for FastSession<'_> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Array2<f32>> {
+        let rt = self.rt;
+        let ids = ids_tensor(i64::datum_type(), tokens)?;
+        let pos = Tensor::from_shape(&[tokens.len(), 1], &vec![self.position as i64; tokens.len()])
+            .map_err(|e| Error::runtime("decoder", chain(&e)))?
+            .into_tvalue();
+        let names: Vec<(String, String)> = (0..rt.n_layer)
+            .flat_map(|i| {
+                [
+                    (format!("past.{i}.key"), format!("cross.{i}.key")),
+                    (format!("past.{i}.value"), format!("cross.{i}.value")),
+                ]
+            })
+            .collect();
+        let mut inputs: Vec<(&str, TValue)> = vec![("input_ids", ids), ("position_ids", pos)];
+        let past = std::mem::take(&mut self.past);
+        for ((p, c), (past, cross)) in names.iter().zip(past.into_iter().zip(self.cross.iter())) {
+            inputs.push((p.as_str(), past));
+            inputs.push((c.as_str(), cross.clone()));
+        }
+        let g = &rt.decoder_step;
+        let out = g.run("decoder", inputs)?;
+        let view = out[g.output_index("logits")?].to_plain_array_view::<f32>().map_err(|e| Error::runtime("decoder", chain(&e)))?;
+        let logits = view.into_dimensionality::<ndarray::Ix2>().map_err(|e| Error::runtime("decoder", format!("logits: {e}")))?.to_owned();
+        let mut past = Vec::with_capacity(2 * rt.n_layer);
+        for i in 0..rt.n_layer {
+            for kv in ["key", "value"] {
+                past.push(out[g.output_index(&format!("present.{i}.{kv}"))?].clone());
+            }
+        }
+        self.past = past;
+        self.position += 1;
+        Ok(logits)
+    }
+
+    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.iter().enumerate().all(|(i, &r)| i == r) && rows.len() == self.past.first().map(|t| t.shape()[0]).unwrap_or(0) {
+            return Ok(());
+        }
+        self.past = self.past.iter().map(|t| gather_rows("decoder", t, rows)).collect::<Result<Vec<_>>>()?;
         Ok(())
     }
 }

@@ -51,7 +51,7 @@ impl CaptionTokenizer {
             .filter(|n| inner.token_to_id(n).is_some())
             .map(|n| AddedToken::from(n.clone(), true))
             .collect();
-        inner.add_special_tokens(added);
+        let _ = inner.add_special_tokens(added);
         let mut special_ids: HashSet<u32> = names.iter().filter_map(|n| inner.token_to_id(n)).collect();
         special_ids.extend(extra_special.iter().copied());
         let clean_up_spaces = tokenizer_config

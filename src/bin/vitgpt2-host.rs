@@ -1,8 +1,10 @@
-//! The host binary: the candle model (captioning, checkpoints).
+//! The host binary: the candle model (captioning, checkpoints; training comes with the host issues).
 
 use clap::{Parser, Subcommand};
 use vitgpt2::cli;
+use vitgpt2::export;
 use vitgpt2::model::commands;
+use vitgpt2::train::{commands as train, trainer};
 
 #[derive(Parser)]
 #[command(name = "vitgpt2-host", version, about = "French image captions on the host (ViT-GPT2 in candle)")]
@@ -17,6 +19,18 @@ enum Command {
     Caption(commands::HostCaptionArgs),
     /// Build a ViT-GPT2 from a pretrained ViT and a pretrained GPT-2 and save it as a checkpoint.
     Init(commands::InitArgs),
+    /// Draw a synthetic French captioning set (shapes; COCO format), deterministic by seed.
+    Synth(train::SynthArgs),
+    /// Train a byte-level BPE tokenizer on captions.
+    TrainTokenizer(train::TokenizerArgs),
+    /// Fine-tune (or train from scratch) on COCO-format or flat caption records.
+    Train(Box<trainer::TrainArgs>),
+    /// Caption a held-out set and print exact match, BLEU-1..4, ROUGE-L and CIDEr-D.
+    Evaluate(train::EvaluateArgs),
+    /// Export a checkpoint (or random weights) to an ONNX bundle for vitgpt2-node (fp32, int8).
+    Export(export::ExportArgs),
+    /// Train (or --from-checkpoint), export fp32 and int8, evaluate both, write the bundle with its manifest.
+    TrainAndExport(export::pipeline::TrainAndExportArgs),
 }
 
 fn main() {
@@ -25,6 +39,12 @@ fn main() {
     let code = match &args.command {
         Command::Caption(a) => commands::caption(a),
         Command::Init(a) => commands::init(a),
+        Command::Synth(a) => train::synth(a),
+        Command::TrainTokenizer(a) => train::train_tokenizer(a),
+        Command::Train(a) => train::train(a),
+        Command::Evaluate(a) => train::evaluate(a),
+        Command::Export(a) => export::export_command(a),
+        Command::TrainAndExport(a) => export::pipeline::train_and_export(a),
     };
     match code {
         Ok(code) => std::process::exit(code),

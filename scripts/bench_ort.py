@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""onnxruntime on the same fast-layout files as `vitgpt2-node bench`, in the same run, and the
+ratios tract / onnxruntime.
+
+    .venv-ref/bin/python scripts/bench_ort.py BUNDLE [--int8] [--threads 1,2] [--reps 3]
+        [--node target/release/vitgpt2-node]
+
+Measures, per thread count: session load, encoder ms, one decoder step at past lengths
+1/8/16/31, a greedy 16-token caption (encoder + 16 steps, forced length) and a beam-4
+16-token caption, and onnxruntime's peak RSS (ru_maxrss of this process). Then runs
+`vitgpt2-node bench --json` on the bundle and prints both with ratios (tract / ort: < 1 means
+tract is faster).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+PAST = [1, 8, 16, 31]
+
+
+def ms(t):
+    return (time.perf_counter() - t) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundle")
+    ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--node", default="target/release/vitgpt2-node")
+    ap.add_argument("--skip-tract", action="store_true")
+    ap.add_argument("--ort-quantize", metavar="DIR",
+                    help="run onnxruntime on its own int8 form instead: quantize_dynamic (per channel, QInt8) of the "
+                         "fp32 fast graphs, written to DIR once (the baseline of issue #5)")
+    a = ap.parse_args()
+    threads = [int(t) for t in a.threads.split(",")]
+    suffix = "_int8" if a.int8 else ""
+    cfg = json.load(open(os.path.join(a.bundle, "config.json")))
+    d = cfg["decoder"]
+    n_layer, heads, hd = d["n_layer"], d["n_head"], d["n_embd"] // d["n_head"]
+    side = cfg["encoder"]["image_size"]
+    pv = np.random.RandomState(0).uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
+
+    ort_dir, ort_suffix = a.bundle, suffix
+    if a.ort_quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        os.makedirs(a.ort_quantize, exist_ok=True)
+        for g in ("encoder_fast", "decoder_step"):
+            dst = os.path.join(a.ort_quantize, f"{g}_ortq.onnx")
+            if not os.path.exists(dst):
+                quantize_dynamic(os.path.join(a.bundle, f"{g}.onnx"), dst, per_channel=True, weight_type=QuantType.QInt8)
+        ort_dir, ort_suffix = a.ort_quantize, "_ortq"
+
+    ort_results = []
+    for t in threads:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = t
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        t0 = time.perf_counter()
+        enc = ort.InferenceSession(os.path.join(ort_dir, f"encoder_fast{ort_suffix}.onnx"), so, providers=["CPUExecutionProvider"])
+        dec = ort.InferenceSession(os.path.join(ort_dir, f"decoder_step{ort_suffix}.onnx"), so, providers=["CPUExecutionProvider"])
+        load = ms(t0)
+        enc_names = [o.name for o in enc.get_outputs()]
+        dec_names = [o.name for o in dec.get_outputs()]
+
+        def encode():
+            return dict(zip(enc_names, enc.run(None, {"pixel_values": pv})))
+
+        def step(cross, past, toks, pos):
+            feed = {"input_ids": np.array(toks, np.int64).reshape(-1, 1), "position_ids": np.full((len(toks), 1), pos, np.int64)}
+            feed.update(past)
+            feed.update({k: v for k, v in cross.items() if k.startswith("cross.")})
+            res = dict(zip(dec_names, dec.run(None, feed)))
+            return res["logits"], {f"past.{k[8:]}": v for k, v in res.items() if k.startswith("present.")}
+
+        def empty(rows):
+            return {f"past.{i}.{kv}": np.zeros((rows, heads, 0, hd), np.float32) for i in range(n_layer) for kv in ("key", "value")}
+
+        def greedy():
+            cross = encode()
+            past, tok = empty(1), [0]
+            for p in range(a.tokens):
+                logits, past = step(cross, past, tok, p)
+                tok = [int(np.argmax(logits[0]))]
+
+        def beam4():
+            cross = encode()
+            past, toks = empty(1), [0]
+            scores = np.zeros(1)
+            for p in range(a.tokens):
+                logits, past = step(cross, past, toks, p)
+                lp = logits - logits.max(1, keepdims=True)
+                lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+                cand = (scores[:, None] + lp).ravel()
+                best = np.argpartition(-cand, 4)[:4]
+                rows, toks = best // lp.shape[1], list(best % lp.shape[1])
+                scores = cand[best]
+                past = {k: v[rows] for k, v in past.items()}
+
+        greedy()  # warm-up
+        enc_ms = []
+        for _ in range(a.reps):
+            t0 = time.perf_counter()
+            encode()
+            enc_ms.append(ms(t0))
+        cross = encode()
+        per = {p: [] for p in PAST}
+        for _ in range(a.reps):
+            past, tok = empty(1), [0]
+            for p in range(max(PAST) + 1):
+                t0 = time.perf_counter()
+                _, past = step(cross, past, tok, p)
+                if p in per:
+                    per[p].append(ms(t0))
+                tok = [5 + p % 50]
+        g, b = [], []
+        for _ in range(a.reps):
+            t0 = time.perf_counter()
+            greedy()
+            g.append(ms(t0))
+            t0 = time.perf_counter()
+            beam4()
+            b.append(ms(t0))
+        ort_results.append({
+            "threads": t, "load_ms": load, "encoder_ms": float(np.median(enc_ms)),
+            "token_ms": [[p, float(np.median(v))] for p, v in per.items()],
+            "greedy_caption_ms": float(np.median(g)), "beam4_caption_ms": float(np.median(b)),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        })
+        del enc, dec
+
+    tract = None
+    if not a.skip_tract:
+        out = subprocess.run([a.node, "bench", "--model", a.bundle, "--threads", a.threads, "--reps", str(a.reps),
+                              "--precision", "int8" if a.int8 else "fp32", "--json"], check=True, capture_output=True, text=True)
+        tract = json.loads(out.stdout.strip().splitlines()[-1])
+
+    print(f"bundle {a.bundle} ({'int8' if a.int8 else 'fp32'}), {a.tokens} tokens")
+    for o in ort_results:
+        tr = next((r for r in tract["results"] if r["threads"] == o["threads"]), None) if tract else None
+        print(f"threads {o['threads']}:            {'tract':>10} {'ort':>10} {'tract/ort':>10}")
+        rows = [("load ms", tract["load_ms"] if tract else None, o["load_ms"]), ("encoder ms", tr and tr["encoder_ms"], o["encoder_ms"])]
+        for (p, v) in o["token_ms"]:
+            tv = next((x[1] for x in tr["token_ms"] if x[0] == p), None) if tr else None
+            rows.append((f"token @ past {p} ms", tv, v))
+        rows += [("greedy caption ms", tr and tr["greedy_caption_ms"], o["greedy_caption_ms"]),
+                 ("beam-4 caption ms", tr and tr["beam4_caption_ms"], o["beam4_caption_ms"]),
+                 ("peak RSS MiB", tr and tr["peak_rss_mib"], o["peak_rss_mib"])]
+        for name, tv, ov in rows:
+            ratio = f"{tv / ov:10.2f}" if tv else f"{'-':>10}"
+            print(f"  {name:<20} {tv if tv is not None else float('nan'):10.1f} {ov:10.1f} {ratio}")
+    print(json.dumps({"ort": ort_results, "tract": tract}))
+
+
+if __name__ == "__main__":
+    main()

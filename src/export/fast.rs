@@ -1,0 +1,443 @@
+//! The project's fast graph layout and the weight forms (fp32, int8) shared by every layout.
+//!
+//! - `encoder_fast.onnx`: `pixel_values [1,3,H,W]` → `last_hidden_state [1,S,D_enc]` and, for
+//!   every decoder layer i, the cross-attention `cross.{i}.key/value [1,heads,S,head_dim]`
+//!   (after `enc_to_dec_proj` when the model has one), computed once per image.
+//! - `decoder_step.onnx`: `input_ids [B,1]`, `position_ids [B,1]` (int64),
+//!   `past.{i}.key/value [B,heads,P,head_dim]` (P symbolic, 0 at the first step) and the cross
+//!   keys/values (batch 1, broadcast over B by MatMul) → `logits [B,vocab]` and
+//!   `present.{i}.key/value [B,heads,P+1,head_dim]`.
+//!
+//! Attention scales are folded into the query weights; the LM head is the transposed token
+//! embedding (one stored tensor).
+
+use std::collections::HashMap;
+
+use tract_onnx::pb::tensor_proto::DataType;
+use tract_onnx::pb::ModelProto;
+
+use super::onnx::{Attr, Dim, GraphBuilder};
+use super::Weights;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::Activation;
+
+/// How matrix weights are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightForm {
+    Fp32,
+    /// int8 per output channel, symmetric; activations quantized per row and call, symmetric
+    /// (→ MatMulInteger without zero points → scales).
+    Int8,
+}
+
+/// Per-output-channel symmetric int8 of a `[din, dout]` matrix: values and one scale per column.
+pub fn quantize_columns(w: &[f32], din: usize, dout: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut scale = vec![0f32; dout];
+    for r in 0..din {
+        for c in 0..dout {
+            scale[c] = scale[c].max(w[r * dout + c].abs());
+        }
+    }
+    for s in scale.iter_mut() {
+        *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
+    }
+    let q = (0..din * dout).map(|i| (w[i] / scale[i % dout]).round().clamp(-127.0, 127.0) as i8).collect();
+    (q, scale)
+}
+
+/// Per-row symmetric int8 of a `[rows, cols]` matrix (the token embedding: a row is a vocab entry).
+pub fn quantize_rows(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(rows * cols);
+    let mut scale = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let row = &w[r * cols..(r + 1) * cols];
+        let m = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let s = if m > 0.0 { m / 127.0 } else { 1.0 };
+        q.extend(row.iter().map(|v| (v / s).round().clamp(-127.0, 127.0) as i8));
+        scale.push(s);
+    }
+    (q, scale)
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = w[r * cols + c];
+        }
+    }
+    t
+}
+
+/// A graph under construction with the weight form applied to every linear layer.
+pub struct Net<'w> {
+    pub g: GraphBuilder,
+    pub form: WeightForm,
+    w: &'w Weights,
+    /// int8 values and per-row scales per quantized activation (shared by q, k and v).
+    quantized: HashMap<String, (String, String)>,
+    /// Shared constants of the activation quantization.
+    consts: Vec<String>,
+}
+
+impl<'w> Net<'w> {
+    pub fn new(name: &str, form: WeightForm, w: &'w Weights) -> Self {
+        Net { g: GraphBuilder::new(name), form, w, quantized: HashMap::new(), consts: Vec::new() }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&'w (Vec<usize>, Vec<f32>)> {
+        self.w.get(name)
+    }
+
+    pub fn f32_init(&mut self, name: &str) -> Result<String> {
+        let (dims, data) = self.get(name)?;
+        Ok(self.g.init_f32(name, dims, data))
+    }
+
+    /// `x [.., din] · w [din, dout] + b`, in the weight form.
+    pub fn linear(&mut self, x: &str, name: &str, w: &[f32], din: usize, dout: usize, b: &[f32]) -> String {
+        let bias = self.g.init_f32(&format!("{name}.bias"), &[dout], b);
+        match self.form {
+            WeightForm::Fp32 => {
+                let wn = self.g.init_f32(&format!("{name}.weight"), &[din, dout], w);
+                let y = self.g.node("MatMul", &[x, &wn], vec![]);
+                self.g.node("Add", &[&y, &bias], vec![])
+            }
+            WeightForm::Int8 => {
+                let (q, s) = quantize_columns(w, din, dout);
+                let wq = self.g.init_i8(&format!("{name}.weight_int8"), &[din, dout], &q);
+                let ws = self.g.init_f32(&format!("{name}.weight_scale"), &[dout], &s);
+                let y = self.matmul_int8(x, &wq, &ws);
+                self.g.node("Add", &[&y, &bias], vec![])
+            }
+        }
+    }
+
+    /// `x · wq` with `wq` int8 `[din, dout]` and per-column scales `ws [dout]`, f32 out.
+    ///
+    /// Activations are quantized per row, symmetric, to int8 with zero point 0
+    /// (scale = max|row| / 127, Round, Clip, Cast), and MatMulInteger gets no zero points: in
+    /// tract the zero-point compensation then folds away (no per-call weight sums) and the
+    /// constant int8 weight is packed once at load. (onnxruntime's DynamicQuantizeLinear gives
+    /// uint8 with a dynamic zero point, which makes tract sum the weights at every call.)
+    pub fn matmul_int8(&mut self, x: &str, wq: &str, ws: &str) -> String {
+        let (xq, xs) = match self.quantized.get(x) {
+            Some(t) => t.clone(),
+            None => {
+                if self.consts.is_empty() {
+                    let axes = self.g.init_i64("q.axes_last", &[1], &[-1]);
+                    let tiny = self.g.init_f32("q.tiny", &[], &[1e-12]);
+                    let inv127 = self.g.init_f32("q.inv127", &[], &[1.0 / 127.0]);
+                    let lo = self.g.init_f32("q.lo", &[], &[-127.0]);
+                    let hi = self.g.init_f32("q.hi", &[], &[127.0]);
+                    self.consts = vec![axes, tiny, inv127, lo, hi];
+                }
+                let c = self.consts.clone();
+                let a = self.g.node("Abs", &[x], vec![]);
+                let m = self.g.node("ReduceMax", &[&a, &c[0]], vec![("keepdims", Attr::Int(1))]);
+                let m = self.g.node("Max", &[&m, &c[1]], vec![]);
+                let scale = self.g.node("Mul", &[&m, &c[2]], vec![]);
+                let r = self.g.node("Div", &[x, &scale], vec![]);
+                let r = self.g.node("Round", &[&r], vec![]);
+                let r = self.g.node("Clip", &[&r, &c[3], &c[4]], vec![]);
+                let q = self.g.node("Cast", &[&r], vec![("to", Attr::Int(DataType::Int8 as i64))]);
+                self.quantized.insert(x.to_string(), (q.clone(), scale.clone()));
+                (q, scale)
+            }
+        };
+        let acc = self.g.node("MatMulInteger", &[&xq, wq], vec![]);
+        let accf = self.g.node("Cast", &[&acc], vec![("to", Attr::Int(DataType::Float as i64))]);
+        let y = self.g.node("Mul", &[&accf, &xs], vec![]);
+        self.g.node("Mul", &[&y, ws], vec![])
+    }
+
+    /// A linear layer stored `[out, in]` (nn.Linear), scaled by `mult`.
+    pub fn nn_linear(&mut self, x: &str, prefix: &str, mult: f32) -> Result<String> {
+        let (dims, w) = self.get(&format!("{prefix}.weight"))?;
+        let (_, b) = self.get(&format!("{prefix}.bias"))?;
+        let (dout, din) = (dims[0], dims[1]);
+        let mut wt = transpose(w, dout, din);
+        let mut b = b.clone();
+        if mult != 1.0 {
+            wt.iter_mut().for_each(|v| *v *= mult);
+            b.iter_mut().for_each(|v| *v *= mult);
+        }
+        Ok(self.linear(x, prefix, &wt, din, dout, &b))
+    }
+
+    /// GPT-2's Conv1D (stored `[in, out]`), columns `cols` of it, scaled by `mult`.
+    pub fn conv1d_cols(&mut self, x: &str, prefix: &str, cols: std::ops::Range<usize>, mult: f32, tag: &str) -> Result<String> {
+        let (dims, w) = self.get(&format!("{prefix}.weight"))?;
+        let (_, b) = self.get(&format!("{prefix}.bias"))?;
+        let (din, dout) = (dims[0], dims[1]);
+        let n = cols.len();
+        let mut ws = Vec::with_capacity(din * n);
+        for r in 0..din {
+            ws.extend(w[r * dout + cols.start..r * dout + cols.end].iter().map(|v| v * mult));
+        }
+        let bs: Vec<f32> = b[cols].iter().map(|v| v * mult).collect();
+        Ok(self.linear(x, &format!("{prefix}{tag}"), &ws, din, n, &bs))
+    }
+
+    pub fn conv1d(&mut self, x: &str, prefix: &str) -> Result<String> {
+        let dout = self.get(&format!("{prefix}.weight"))?.0[1];
+        self.conv1d_cols(x, prefix, 0..dout, 1.0, "")
+    }
+
+    pub fn layer_norm(&mut self, x: &str, prefix: &str, eps: f64) -> Result<String> {
+        let w = self.f32_init(&format!("{prefix}.weight"))?;
+        let b = self.f32_init(&format!("{prefix}.bias"))?;
+        Ok(self.g.node("LayerNormalization", &[x, &w, &b], vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))]))
+    }
+
+    pub fn activation(&mut self, x: &str, act: Activation) -> String {
+        match act {
+            Activation::GeluErf => self.g.node("Gelu", &[x], vec![]),
+            Activation::GeluTanh => self.g.node("Gelu", &[x], vec![("approximate", Attr::Str("tanh"))]),
+            Activation::Relu => self.g.node("Relu", &[x], vec![]),
+        }
+    }
+
+    pub fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
+        let s = self.g.shape_const(shape);
+        self.g.node("Reshape", &[x, &s], vec![])
+    }
+
+    pub fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
+        self.g.node("Transpose", &[x], vec![("perm", Attr::Ints(perm.to_vec()))])
+    }
+
+    /// softmax(q · kᵀ) · v with `kt` already transposed (`[.., hd, len]`); scale folded into q.
+    pub fn attend(&mut self, q: &str, kt: &str, v: &str) -> String {
+        let s = self.g.node("MatMul", &[q, kt], vec![]);
+        let p = self.g.node("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
+        self.g.node("MatMul", &[&p, v], vec![])
+    }
+}
+
+fn act(name: &str, what: &str) -> Result<Activation> {
+    Activation::from_name(name).map_err(|e| Error::setting(what, e))
+}
+
+/// The decoder's activation by its transformers name.
+pub fn gelu_of(name: &str) -> Result<Activation> {
+    act(name, "decoder.activation_function")
+}
+
+/// GPT-2's attention scale for layer `i` (as the candle model).
+pub fn gpt2_scale(cfg: &ModelConfig, i: usize) -> f32 {
+    let d = &cfg.decoder;
+    let mut s = 1.0f64;
+    if d.scale_attn_weights {
+        s /= (d.head_dim() as f64).sqrt();
+    }
+    if d.scale_attn_by_inverse_layer_idx {
+        s /= (i + 1) as f64;
+    }
+    s as f32
+}
+
+/// The ViT encoder body: `pixel_values` → last hidden state `[1,S,D]`.
+pub fn vit(net: &mut Net, cfg: &ModelConfig, pixel_values: &str) -> Result<String> {
+    let e = &cfg.encoder;
+    let (c, side, p, d) = (e.num_channels, e.image_size, e.patch_size, e.hidden_size);
+    let g = side / p;
+    let (s, heads) = (e.seq_len(), e.num_attention_heads);
+    let hd = d / heads;
+    // Patch embedding (kernel == stride conv) as a matmul over flattened patches.
+    let x6 = net.reshape(pixel_values, &[1, c as i64, g as i64, p as i64, g as i64, p as i64]);
+    let xt = net.transpose(&x6, &[0, 2, 4, 1, 3, 5]);
+    let patches = net.reshape(&xt, &[1, (g * g) as i64, (c * p * p) as i64]);
+    let (_, pw) = net.get("encoder.embeddings.patch_embeddings.projection.weight")?;
+    let (_, pb) = net.get("encoder.embeddings.patch_embeddings.projection.bias")?;
+    let pwt = transpose(pw, d, c * p * p);
+    let emb = net.linear(&patches, "encoder.embeddings.patch_embeddings.projection", &pwt, c * p * p, d, pb);
+    let cls = net.f32_init("encoder.embeddings.cls_token")?;
+    let cat = net.g.node("Concat", &[&cls, &emb], vec![("axis", Attr::Int(1))]);
+    let pos = net.f32_init("encoder.embeddings.position_embeddings")?;
+    let mut x = net.g.node("Add", &[&cat, &pos], vec![]);
+    let activation = act(&e.hidden_act, "encoder.hidden_act")?;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for i in 0..e.num_hidden_layers {
+        let l = format!("encoder.encoder.layer.{i}");
+        let h = net.layer_norm(&x, &format!("{l}.layernorm_before"), e.layer_norm_eps)?;
+        let q = net.nn_linear(&h, &format!("{l}.attention.attention.query"), scale)?;
+        let k = net.nn_linear(&h, &format!("{l}.attention.attention.key"), 1.0)?;
+        let v = net.nn_linear(&h, &format!("{l}.attention.attention.value"), 1.0)?;
+        let split = [1, s as i64, heads as i64, hd as i64];
+        let q = net.reshape(&q, &split);
+        let q = net.transpose(&q, &[0, 2, 1, 3]);
+        let k = net.reshape(&k, &split);
+        let kt = net.transpose(&k, &[0, 2, 3, 1]);
+        let v = net.reshape(&v, &split);
+        let v = net.transpose(&v, &[0, 2, 1, 3]);
+        let ctx = net.attend(&q, &kt, &v);
+        let ctx = net.transpose(&ctx, &[0, 2, 1, 3]);
+        let ctx = net.reshape(&ctx, &[1, s as i64, d as i64]);
+        let o = net.nn_linear(&ctx, &format!("{l}.attention.output.dense"), 1.0)?;
+        x = net.g.node("Add", &[&x, &o], vec![]);
+        let h = net.layer_norm(&x, &format!("{l}.layernorm_after"), e.layer_norm_eps)?;
+        let m = net.nn_linear(&h, &format!("{l}.intermediate.dense"), 1.0)?;
+        let m = net.activation(&m, activation);
+        let m = net.nn_linear(&m, &format!("{l}.output.dense"), 1.0)?;
+        x = net.g.node("Add", &[&x, &m], vec![]);
+    }
+    net.layer_norm(&x, "encoder.layernorm", e.layer_norm_eps)
+}
+
+/// The encoder output as the decoder sees it (after `enc_to_dec_proj` when present).
+pub fn project(net: &mut Net, last: &str) -> Result<String> {
+    if net.w.contains("enc_to_dec_proj.weight") {
+        net.nn_linear(last, "enc_to_dec_proj", 1.0)
+    } else {
+        Ok(last.to_string())
+    }
+}
+
+/// `encoder_fast.onnx`.
+pub fn encoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> Result<ModelProto> {
+    let mut net = Net::new("vitgpt2_encoder_fast", form, w);
+    let e = &cfg.encoder;
+    let side = e.image_size;
+    let pv = net.g.input("pixel_values", DataType::Float, &[1.into(), e.num_channels.into(), side.into(), side.into()]);
+    let last = vit(&mut net, cfg, &pv)?;
+    let s = e.seq_len();
+    net.g.output(&last, "last_hidden_state", DataType::Float, &[1.into(), s.into(), e.hidden_size.into()]);
+    let enc = project(&mut net, &last)?;
+    let dd = &cfg.decoder;
+    let (d, heads, hd) = (dd.n_embd, dd.n_head, dd.head_dim());
+    for i in 0..dd.n_layer {
+        let pre = format!("decoder.transformer.h.{i}.crossattention.c_attn");
+        for (j, kv) in ["key", "value"].into_iter().enumerate() {
+            let y = net.conv1d_cols(&enc, &pre, j * d..(j + 1) * d, 1.0, &format!(".{kv}"))?;
+            let y = net.reshape(&y, &[1, s as i64, heads as i64, hd as i64]);
+            let y = net.transpose(&y, &[0, 2, 1, 3]);
+            net.g.output(&y, &format!("cross.{i}.{kv}"), DataType::Float, &[1.into(), heads.into(), s.into(), hd.into()]);
+        }
+    }
+    Ok(net.g.finish("ViT encoder with every decoder layer's cross-attention keys/values (vitgpt2 fast layout)", &meta(form)))
+}
+
+fn meta(form: WeightForm) -> Vec<(&'static str, String)> {
+    vec![
+        ("vitgpt2.layout", "fast".into()),
+        ("vitgpt2.weights", match form {
+            WeightForm::Fp32 => "fp32".into(),
+            WeightForm::Int8 => "int8 per-output-channel symmetric".into(),
+        }),
+    ]
+}
+
+/// `decoder_step.onnx`.
+pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> Result<ModelProto> {
+    let mut net = Net::new("vitgpt2_decoder_step", form, w);
+    let dd = &cfg.decoder;
+    let (d, heads, hd, vocab) = (dd.n_embd, dd.n_head, dd.head_dim(), dd.vocab_size);
+    let s = cfg.encoder.seq_len();
+    let b = Dim::Sym("B");
+    let ids = net.g.input("input_ids", DataType::Int64, &[b.clone(), 1.into()]);
+    let pos = net.g.input("position_ids", DataType::Int64, &[b.clone(), 1.into()]);
+    let mut past = Vec::new();
+    for i in 0..dd.n_layer {
+        for kv in ["key", "value"] {
+            past.push(net.g.input(&format!("past.{i}.{kv}"), DataType::Float, &[b.clone(), heads.into(), Dim::Sym("P"), hd.into()]));
+        }
+    }
+    let mut cross = Vec::new();
+    for i in 0..dd.n_layer {
+        for kv in ["key", "value"] {
+            cross.push(net.g.input(&format!("cross.{i}.{kv}"), DataType::Float, &[1.into(), heads.into(), s.into(), hd.into()]));
+        }
+    }
+    // Token embedding: one stored tensor, also the LM head.
+    let wte_name = "decoder.transformer.wte.weight";
+    let (tok, lm_w, lm_scale) = token_embedding(&mut net, wte_name, &ids, vocab, d)?;
+    let wpe = net.f32_init("decoder.transformer.wpe.weight")?;
+    let pe = net.g.node("Gather", &[&wpe, &pos], vec![("axis", Attr::Int(0))]);
+    let mut x = net.g.node("Add", &[&tok, &pe], vec![]);
+    let activation = act(&dd.activation_function, "decoder.activation_function")?;
+    let eps = dd.layer_norm_epsilon;
+    let split = [0, heads as i64, 1, hd as i64];
+    let merge = [0, 1, d as i64];
+    let out_dims = |p: &'static str| vec![Dim::Sym("B"), heads.into(), Dim::Sym(p), hd.into()];
+    for i in 0..dd.n_layer {
+        let l = format!("decoder.transformer.h.{i}");
+        let scale = gpt2_scale(cfg, i);
+        // Causal self-attention over past + this token (a single token sees every position).
+        let h = net.layer_norm(&x, &format!("{l}.ln_1"), eps)?;
+        let c_attn = format!("{l}.attn.c_attn");
+        let q = net.conv1d_cols(&h, &c_attn, 0..d, scale, ".query")?;
+        let k = net.conv1d_cols(&h, &c_attn, d..2 * d, 1.0, ".key")?;
+        let v = net.conv1d_cols(&h, &c_attn, 2 * d..3 * d, 1.0, ".value")?;
+        let q = net.reshape(&q, &split);
+        let k = net.reshape(&k, &split);
+        let v = net.reshape(&v, &split);
+        let pk = format!("present.{i}.key");
+        let pv = format!("present.{i}.value");
+        net.g.node_to("Concat", &[&past[2 * i], &k], &pk, vec![("axis", Attr::Int(2))]);
+        net.g.node_to("Concat", &[&past[2 * i + 1], &v], &pv, vec![("axis", Attr::Int(2))]);
+        net.g.output(&pk, &pk, DataType::Float, &out_dims("P_plus_1"));
+        net.g.output(&pv, &pv, DataType::Float, &out_dims("P_plus_1"));
+        let kt = net.transpose(&pk, &[0, 1, 3, 2]);
+        let ctx = net.attend(&q, &kt, &pv);
+        let ctx = net.reshape(&ctx, &merge);
+        let o = net.conv1d(&ctx, &format!("{l}.attn.c_proj"))?;
+        x = net.g.node("Add", &[&x, &o], vec![]);
+        // Cross-attention on the cached encoder keys/values.
+        let h = net.layer_norm(&x, &format!("{l}.ln_cross_attn"), eps)?;
+        let dq = net.get(&format!("{l}.crossattention.q_attn.weight"))?.0[1];
+        let q = net.conv1d_cols(&h, &format!("{l}.crossattention.q_attn"), 0..dq, scale, "")?;
+        let q = net.reshape(&q, &split);
+        let kt = net.transpose(&cross[2 * i], &[0, 1, 3, 2]);
+        let ctx = net.attend(&q, &kt, &cross[2 * i + 1]);
+        let ctx = net.reshape(&ctx, &merge);
+        let o = net.conv1d(&ctx, &format!("{l}.crossattention.c_proj"))?;
+        x = net.g.node("Add", &[&x, &o], vec![]);
+        // MLP.
+        let h = net.layer_norm(&x, &format!("{l}.ln_2"), eps)?;
+        let m = net.conv1d(&h, &format!("{l}.mlp.c_fc"))?;
+        let m = net.activation(&m, activation);
+        let m = net.conv1d(&m, &format!("{l}.mlp.c_proj"))?;
+        x = net.g.node("Add", &[&x, &m], vec![]);
+    }
+    let h = net.layer_norm(&x, "decoder.transformer.ln_f", eps)?;
+    let h = net.reshape(&h, &[0, d as i64]);
+    let wt = net.transpose(&lm_w, &[1, 0]);
+    let logits = match lm_scale {
+        None => net.g.node("MatMul", &[&h, &wt], vec![]),
+        Some(ws) => net.matmul_int8(&h, &wt, &ws),
+    };
+    net.g.output(&logits, "logits", DataType::Float, &[Dim::Sym("B"), vocab.into()]);
+    Ok(net.g.finish("GPT-2 decoder step with self-attention cache and cached cross keys/values (vitgpt2 fast layout)", &meta(form)))
+}
+
+/// Token embedding rows for `ids` and the stored tensor the LM head reuses (transposed):
+/// `(embeddings, lm_weight, lm_scales)`; int8 stores the table once, per row, symmetric (a
+/// row's scale is also the LM head's scale for that token).
+pub fn token_embedding(net: &mut Net, wte_name: &str, ids: &str, vocab: usize, d: usize) -> Result<(String, String, Option<String>)> {
+    let (wte_dims, wte) = net.get(wte_name)?;
+    if wte_dims[0] != vocab || wte_dims[1] != d {
+        return Err(Error::setting("export", format!("wte is {wte_dims:?}, config says [{vocab}, {d}]")));
+    }
+    Ok(match net.form {
+        WeightForm::Fp32 => {
+            let wte = net.g.init_f32(wte_name, &[vocab, d], wte);
+            let tok = net.g.node("Gather", &[&wte, ids], vec![("axis", Attr::Int(0))]);
+            (tok, wte, None)
+        }
+        WeightForm::Int8 => {
+            let (q, sc) = quantize_rows(wte, vocab, d);
+            let wq = net.g.init_i8(&format!("{wte_name}_int8"), &[vocab, d], &q);
+            let ws = net.g.init_f32(&format!("{wte_name}_scale"), &[vocab], &sc);
+            let rows = net.g.node("Gather", &[&wq, ids], vec![("axis", Attr::Int(0))]);
+            let rows = net.g.node("Cast", &[&rows], vec![("to", Attr::Int(DataType::Float as i64))]);
+            let rs = net.g.node("Gather", &[&ws, ids], vec![("axis", Attr::Int(0))]);
+            let axes = net.g.shape_const(&[-1]);
+            let rs = net.g.node("Unsqueeze", &[&rs, &axes], vec![]);
+            let tok = net.g.node("Mul", &[&rows, &rs], vec![]);
+            (tok, wq, Some(ws))
+        }
+    })
+}

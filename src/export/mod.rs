@@ -1,0 +1,297 @@
+//! ONNX export of the candle model into a device bundle (`vitgpt2-host export`).
+//!
+//! candle has no ONNX export, so the graphs are written here with tract-onnx's prost types
+//! ([`onnx`]). Layouts: the project's fast layout ([`fast`]: an encoder that also emits every
+//! layer's cross-attention keys/values, and one decoder-step graph). Weights fp32 or int8
+//! (per output channel, symmetric; LayerNorm, Softmax, GELU and the residual stream stay f32).
+
+pub mod fast;
+pub mod onnx;
+pub mod optimum;
+pub mod pipeline;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Gpt2Config, ModelConfig, VitConfig};
+use crate::error::{Error, Result};
+use crate::model::VisionEncoderDecoder;
+pub use fast::WeightForm;
+
+/// Every parameter of the model as f32 on the CPU, by Hugging Face name.
+pub struct Weights {
+    map: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl Weights {
+    pub fn from_model(model: &VisionEncoderDecoder) -> Result<Self> {
+        let mut map = HashMap::new();
+        for (name, var) in model.params() {
+            let t = var.as_tensor();
+            let dims = t.dims().to_vec();
+            let data: Vec<f32> = t
+                .to_device(&Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| Error::setting("export", format!("{name}: {e}")))?;
+            map.insert(name.clone(), (dims, data));
+        }
+        Ok(Weights { map })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&(Vec<usize>, Vec<f32>)> {
+        self.map.get(name).ok_or_else(|| Error::setting("export", format!("the model has no tensor `{name}`")))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+}
+
+/// Graph layouts to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// encoder_fast.onnx + decoder_step.onnx (what vitgpt2-node prefers).
+    Fast,
+    /// Optimum's encoder_model, decoder_model, decoder_with_past_model (onnxruntime,
+    /// transformers.js).
+    Optimum,
+    Both,
+}
+
+/// Model sizes for `--random-init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportPreset {
+    /// ViT-B/16 at 224 + GPT-2 small (12+12 layers, width 768), 50,000 tokens: benchmarks.
+    VitBaseGpt2Small,
+    /// ViT 32 px, patch 8, width 32, 2 layers + GPT-2 width 32, 2 layers, 420 tokens: tests.
+    Tiny,
+}
+
+pub fn preset_config(preset: ExportPreset) -> ModelConfig {
+    let (encoder, decoder) = match preset {
+        ExportPreset::VitBaseGpt2Small => (VitConfig::default(), Gpt2Config { vocab_size: 50_000, ..Gpt2Config::default() }),
+        ExportPreset::Tiny => (
+            VitConfig { hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, intermediate_size: 64, image_size: 32, patch_size: 8, ..VitConfig::default() },
+            Gpt2Config { vocab_size: 420, n_positions: 64, n_embd: 32, n_layer: 2, n_head: 4, ..Gpt2Config::default() },
+        ),
+    };
+    ModelConfig {
+        model_type: "vision-encoder-decoder".into(),
+        decoder_start_token_id: Some(0),
+        pad_token_id: Some(1),
+        eos_token_id: Some(2),
+        tie_word_embeddings: None,
+        encoder,
+        decoder,
+    }
+}
+
+/// File names of the fast layout.
+pub fn fast_files(form: WeightForm) -> [&'static str; 2] {
+    match form {
+        WeightForm::Fp32 => ["encoder_fast.onnx", "decoder_step.onnx"],
+        WeightForm::Int8 => ["encoder_fast_int8.onnx", "decoder_step_int8.onnx"],
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WrittenFile {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| Error::bundle(path, format!("cannot write: {e}")))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
+    let mut h = Sha256::new();
+    h.update(&bytes);
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn describe(dir: &Path, name: &str) -> Result<WrittenFile> {
+    let p = dir.join(name);
+    let bytes = std::fs::metadata(&p).map_err(|e| Error::bundle(&p, e))?.len();
+    Ok(WrittenFile { file: name.to_string(), bytes, sha256: sha256_file(&p)? })
+}
+
+/// Writes the graphs of `layout` in `form` into `out`; returns the file names.
+pub fn write_graphs(cfg: &ModelConfig, w: &Weights, out: &Path, layout: Layout, form: WeightForm) -> Result<Vec<String>> {
+    std::fs::create_dir_all(out).map_err(|e| Error::bundle(out, format!("cannot create: {e}")))?;
+    let mut names = Vec::new();
+    if matches!(layout, Layout::Fast | Layout::Both) {
+        let [enc, dec] = fast_files(form);
+        write(&out.join(enc), &onnx::encode(&fast::encoder_graph(cfg, w, form)?))?;
+        write(&out.join(dec), &onnx::encode(&fast::decoder_step_graph(cfg, w, form)?))?;
+        names.extend([enc.to_string(), dec.to_string()]);
+    }
+    if matches!(layout, Layout::Optimum | Layout::Both) {
+        let [enc, dec, past] = optimum::optimum_files(form);
+        write(&out.join(enc), &onnx::encode(&optimum::encoder_graph(cfg, w, form)?))?;
+        write(&out.join(dec), &onnx::encode(&optimum::decoder_graph(cfg, w, form, false)?))?;
+        write(&out.join(past), &onnx::encode(&optimum::decoder_graph(cfg, w, form, true)?))?;
+        names.extend([enc.to_string(), dec.to_string(), past.to_string()]);
+    }
+    Ok(names)
+}
+
+/// Tokenizer and processor files copied from a checkpoint folder into a bundle.
+pub const ASSET_FILES: [&str; 7] = [
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+];
+
+/// Writes config.json and copies the tokenizer, generation and preprocessor configs from
+/// `assets` (the preprocessor's size is set to the model's image size).
+pub fn write_configs(model: &VisionEncoderDecoder, assets: &Path, out: &Path) -> Result<Vec<String>> {
+    std::fs::create_dir_all(out).map_err(|e| Error::bundle(out, format!("cannot create: {e}")))?;
+    let cfg_path = out.join("config.json");
+    let text = serde_json::to_string_pretty(&model.config_json()?).map_err(|e| Error::bundle(&cfg_path, e))?;
+    write(&cfg_path, (text + "\n").as_bytes())?;
+    let mut files = vec!["config.json".to_string()];
+    for name in ASSET_FILES {
+        let src = assets.join(name);
+        if !src.is_file() {
+            continue;
+        }
+        let dst = out.join(name);
+        if name == "preprocessor_config.json" {
+            let text = std::fs::read_to_string(&src).map_err(|e| Error::bundle(&src, e))?;
+            let mut v: Value = serde_json::from_str(&text).map_err(|e| Error::bundle(&src, e))?;
+            let side = model.config.encoder.image_size;
+            v["size"] = json!({"height": side, "width": side});
+            write(&dst, (serde_json::to_string_pretty(&v).unwrap_or_default() + "\n").as_bytes())?;
+        } else if src != dst {
+            std::fs::copy(&src, &dst).map_err(|e| Error::bundle(&dst, format!("cannot copy from {}: {e}", src.display())))?;
+        }
+        files.push(name.to_string());
+    }
+    if !files.iter().any(|f| f == "tokenizer.json" || f == "vocab.json") {
+        return Err(Error::bundle(assets, "no tokenizer (tokenizer.json or vocab.json + merges.txt) to copy into the bundle"));
+    }
+    if !files.iter().any(|f| f == "preprocessor_config.json") {
+        return Err(Error::bundle(assets.join("preprocessor_config.json"), "missing: the bundle needs the image processor's config"));
+    }
+    Ok(files)
+}
+
+/// Options of one export.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub out: PathBuf,
+    pub layout: Layout,
+    pub fp32: bool,
+    pub int8: bool,
+}
+
+/// Exports `model` (with tokenizer and configs from `assets`) into a bundle; writes
+/// `manifest.json` with sizes, sha256 and `provenance`. Returns what was written.
+pub fn export_bundle(model: &VisionEncoderDecoder, assets: &Path, opts: &ExportOptions, provenance: Value) -> Result<Vec<WrittenFile>> {
+    let w = Weights::from_model(model)?;
+    let mut names = write_configs(model, assets, &opts.out)?;
+    let mut forms = Vec::new();
+    if opts.fp32 {
+        forms.push(WeightForm::Fp32);
+    }
+    if opts.int8 {
+        forms.push(WeightForm::Int8);
+    }
+    for form in forms {
+        let t = std::time::Instant::now();
+        names.extend(write_graphs(&model.config, &w, &opts.out, opts.layout, form)?);
+        tracing::info!(?form, secs = t.elapsed().as_secs_f64(), "graphs written");
+    }
+    let files = names.iter().map(|n| describe(&opts.out, n)).collect::<Result<Vec<_>>>()?;
+    let manifest = json!({
+        "format": "vitgpt2-bundle/1",
+        "producer": format!("vitgpt2 {}", env!("CARGO_PKG_VERSION")),
+        "opset": onnx::OPSET,
+        "provenance": provenance,
+        "files": files,
+    });
+    let path = opts.out.join("manifest.json");
+    write(&path, (serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n").as_bytes())?;
+    Ok(files)
+}
+
+/// `vitgpt2-host export`.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// Checkpoint folder (config.json + model.safetensors, tokenizer, preprocessor_config.json).
+    #[arg(long, conflicts_with = "random_init")]
+    pub checkpoint: Option<PathBuf>,
+    /// Random weights of a preset size instead of a checkpoint (benchmarks).
+    #[arg(long, requires = "preset")]
+    pub random_init: bool,
+    #[arg(long, value_enum)]
+    pub preset: Option<ExportPreset>,
+    /// Seed of the random initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where the tokenizer, generation and preprocessor configs come from (default: the
+    /// checkpoint folder; required with --random-init).
+    #[arg(long)]
+    pub assets: Option<PathBuf>,
+    /// Output bundle folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "fast")]
+    pub layout: Layout,
+    /// Also write int8 graphs.
+    #[arg(long)]
+    pub int8: bool,
+    /// Write only the int8 graphs.
+    #[arg(long, requires = "int8")]
+    pub int8_only: bool,
+}
+
+pub fn export_command(args: &ExportArgs) -> Result<i32> {
+    let device = Device::Cpu;
+    let (model, assets, provenance) = match (&args.checkpoint, args.random_init) {
+        (Some(dir), _) => {
+            let (model, _) = VisionEncoderDecoder::from_checkpoint(dir, &device)?;
+            let assets = args.assets.clone().unwrap_or_else(|| dir.clone());
+            let weights = ["model.safetensors", "pytorch_model.bin"].iter().map(|f| dir.join(f)).find(|p| p.is_file());
+            let prov = json!({
+                "model": {"checkpoint": dir.display().to_string(), "weights_sha256": weights.map(|p| sha256_file(&p)).transpose()?},
+                "tokenizer": {"from": assets.display().to_string()},
+            });
+            (model, assets, prov)
+        }
+        (None, true) => {
+            let preset = args.preset.ok_or_else(|| Error::setting("--preset", "needed with --random-init"))?;
+            let assets = args.assets.clone().ok_or_else(|| Error::setting("--assets", "needed with --random-init (a folder with a tokenizer and preprocessor_config.json)"))?;
+            let cfg = preset_config(preset);
+            eprintln!("initialising a random {preset:?} model (seed {})…", args.seed);
+            let model = VisionEncoderDecoder::random_init(&cfg, args.seed, &device)?;
+            let prov = json!({
+                "model": {"random_init": format!("{preset:?}"), "seed": args.seed},
+                "tokenizer": {"from": assets.display().to_string()},
+            });
+            (model, assets, prov)
+        }
+        (None, false) => return Err(Error::setting("export", "pass --checkpoint DIR or --random-init --preset NAME")),
+    };
+    let opts = ExportOptions { out: args.out.clone(), layout: args.layout, fp32: !args.int8_only, int8: args.int8 };
+    eprintln!("exporting to {}…", args.out.display());
+    let files = export_bundle(&model, &assets, &opts, provenance)?;
+    for f in &files {
+        println!("{:>12}  {}", f.bytes, f.file);
+    }
+    Ok(0)
+}

@@ -1,0 +1,156 @@
+//! Optimum's `image-to-text-with-past` layout, for onnxruntime and transformers.js users:
+//! `encoder_model` (pixel_values → last_hidden_state), `decoder_model` (input_ids [B,T],
+//! encoder_hidden_states → logits [B,T,V] and present.{i}.key/value) and
+//! `decoder_with_past_model` (the same plus past_key_values.{i}.key/value). As in Optimum's
+//! export, the decoders apply `enc_to_dec_proj` and recompute the cross-attention keys/values
+//! from the encoder output at every call. Same ops and weight forms as the fast layout.
+
+use tract_onnx::pb::tensor_proto::DataType;
+use tract_onnx::pb::ModelProto;
+
+use super::fast::{gelu_of, gpt2_scale, project, vit, Net, WeightForm};
+use super::onnx::{Attr, Dim};
+use super::Weights;
+use crate::config::ModelConfig;
+use crate::error::Result;
+
+/// File names of the Optimum layout (int8: onnxruntime's `_quantized` suffix).
+pub fn optimum_files(form: WeightForm) -> [&'static str; 3] {
+    match form {
+        WeightForm::Fp32 => ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"],
+        WeightForm::Int8 => ["encoder_model_quantized.onnx", "decoder_model_quantized.onnx", "decoder_with_past_model_quantized.onnx"],
+    }
+}
+
+pub fn encoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> Result<ModelProto> {
+    let mut net = Net::new("vitgpt2_encoder_model", form, w);
+    let e = &cfg.encoder;
+    let side = e.image_size;
+    let pv = net.g.input("pixel_values", DataType::Float, &[1.into(), e.num_channels.into(), side.into(), side.into()]);
+    let last = vit(&mut net, cfg, &pv)?;
+    net.g.output(&last, "last_hidden_state", DataType::Float, &[1.into(), e.seq_len().into(), e.hidden_size.into()]);
+    Ok(net.g.finish("ViT encoder (Optimum image-to-text-with-past layout)", &[("vitgpt2.layout", "optimum".into())]))
+}
+
+/// `decoder_model` (`with_past` false) or `decoder_with_past_model`.
+pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past: bool) -> Result<ModelProto> {
+    let mut net = Net::new(if with_past { "vitgpt2_decoder_with_past_model" } else { "vitgpt2_decoder_model" }, form, w);
+    let dd = &cfg.decoder;
+    let (d, heads, hd, vocab) = (dd.n_embd, dd.n_head, dd.head_dim(), dd.vocab_size);
+    let (s, de) = (cfg.encoder.seq_len(), cfg.encoder.hidden_size);
+    let b = Dim::Sym("batch_size");
+    let t_dim = if with_past { Dim::Fixed(1) } else { Dim::Sym("decoder_sequence_length") };
+    let ids = net.g.input("input_ids", DataType::Int64, &[b.clone(), t_dim.clone()]);
+    let enc = net.g.input("encoder_hidden_states", DataType::Float, &[b.clone(), s.into(), de.into()]);
+    let mut past = Vec::new();
+    if with_past {
+        for i in 0..dd.n_layer {
+            for kv in ["key", "value"] {
+                past.push(net.g.input(
+                    &format!("past_key_values.{i}.{kv}"),
+                    DataType::Float,
+                    &[b.clone(), heads.into(), Dim::Sym("past_sequence_length"), hd.into()],
+                ));
+            }
+        }
+    }
+    let e = project(&mut net, &enc)?;
+    // Positions past .. past + T, and the causal mask [T, past + T].
+    let i64c = |net: &mut Net, name: &str, v: i64| net.g.init_i64(name, &[], &[v]);
+    let zero = i64c(&mut net, "c.zero", 0);
+    let one = i64c(&mut net, "c.one", 1);
+    let ids_shape = net.g.node("Shape", &[&ids], vec![]);
+    let t = net.g.node("Gather", &[&ids_shape, &one], vec![("axis", Attr::Int(0))]);
+    let p = if with_past {
+        let two = i64c(&mut net, "c.two", 2);
+        let ps = net.g.node("Shape", &[&past[0]], vec![]);
+        net.g.node("Gather", &[&ps, &two], vec![("axis", Attr::Int(0))])
+    } else {
+        zero.clone()
+    };
+    let end = net.g.node("Add", &[&p, &t], vec![]);
+    let pos = net.g.node("Range", &[&p, &end, &one], vec![]);
+    let keys = net.g.node("Range", &[&zero, &end, &one], vec![]);
+    let ax1 = net.g.shape_const(&[1]);
+    let ax0 = net.g.shape_const(&[0]);
+    let qcol = net.g.node("Unsqueeze", &[&pos, &ax1], vec![]);
+    let krow = net.g.node("Unsqueeze", &[&keys, &ax0], vec![]);
+    let future = net.g.node("Greater", &[&krow, &qcol], vec![]);
+    let neg = net.g.init_f32("c.neg_inf", &[], &[f32::NEG_INFINITY]);
+    let fzero = net.g.init_f32("c.fzero", &[], &[0.0]);
+    let mask = net.g.node("Where", &[&future, &neg, &fzero], vec![]);
+
+    let wte_name = "decoder.transformer.wte.weight";
+    let (tok, lm_w, lm_scale) = super::fast::token_embedding(&mut net, wte_name, &ids, vocab, d)?;
+    let wpe = net.f32_init("decoder.transformer.wpe.weight")?;
+    let pe = net.g.node("Gather", &[&wpe, &pos], vec![("axis", Attr::Int(0))]);
+    let mut x = net.g.node("Add", &[&tok, &pe], vec![]);
+    let activation = gelu_of(&dd.activation_function)?;
+    let eps = dd.layer_norm_epsilon;
+    let split = [0, 0, heads as i64, hd as i64];
+    let merge = [0, 0, d as i64];
+    let present_len = if with_past { "past_sequence_length + 1" } else { "decoder_sequence_length" };
+    for i in 0..dd.n_layer {
+        let l = format!("decoder.transformer.h.{i}");
+        let scale = gpt2_scale(cfg, i);
+        let h = net.layer_norm(&x, &format!("{l}.ln_1"), eps)?;
+        let c_attn = format!("{l}.attn.c_attn");
+        let mut qkv = Vec::new();
+        for (j, (tag, mult)) in [(".query", scale), (".key", 1.0), (".value", 1.0)].into_iter().enumerate() {
+            let y = net.conv1d_cols(&h, &c_attn, j * d..(j + 1) * d, mult, tag)?;
+            let y = net.reshape(&y, &split);
+            qkv.push(net.transpose(&y, &[0, 2, 1, 3]));
+        }
+        let (pk, pv) = (format!("present.{i}.key"), format!("present.{i}.value"));
+        if with_past {
+            net.g.node_to("Concat", &[&past[2 * i], &qkv[1]], &pk, vec![("axis", Attr::Int(2))]);
+            net.g.node_to("Concat", &[&past[2 * i + 1], &qkv[2]], &pv, vec![("axis", Attr::Int(2))]);
+        } else {
+            net.g.node_to("Identity", &[&qkv[1]], &pk, vec![]);
+            net.g.node_to("Identity", &[&qkv[2]], &pv, vec![]);
+        }
+        for n in [&pk, &pv] {
+            net.g.output(n, n, DataType::Float, &[Dim::Sym("batch_size"), heads.into(), Dim::Sym(present_len), hd.into()]);
+        }
+        let kt = net.transpose(&pk, &[0, 1, 3, 2]);
+        let sc = net.g.node("MatMul", &[&qkv[0], &kt], vec![]);
+        let sc = net.g.node("Add", &[&sc, &mask], vec![]);
+        let pr = net.g.node("Softmax", &[&sc], vec![("axis", Attr::Int(-1))]);
+        let ctx = net.g.node("MatMul", &[&pr, &pv], vec![]);
+        let ctx = net.transpose(&ctx, &[0, 2, 1, 3]);
+        let ctx = net.reshape(&ctx, &merge);
+        let o = net.conv1d(&ctx, &format!("{l}.attn.c_proj"))?;
+        x = net.g.node("Add", &[&x, &o], vec![]);
+        // Cross-attention, keys/values recomputed from the encoder output.
+        let h = net.layer_norm(&x, &format!("{l}.ln_cross_attn"), eps)?;
+        let dq = net.get(&format!("{l}.crossattention.q_attn.weight"))?.0[1];
+        let q = net.conv1d_cols(&h, &format!("{l}.crossattention.q_attn"), 0..dq, scale, "")?;
+        let q = net.reshape(&q, &split);
+        let q = net.transpose(&q, &[0, 2, 1, 3]);
+        let ca = format!("{l}.crossattention.c_attn");
+        let k = net.conv1d_cols(&e, &ca, 0..d, 1.0, ".key")?;
+        let k = net.reshape(&k, &split);
+        let kt = net.transpose(&k, &[0, 2, 3, 1]);
+        let v = net.conv1d_cols(&e, &ca, d..2 * d, 1.0, ".value")?;
+        let v = net.reshape(&v, &split);
+        let v = net.transpose(&v, &[0, 2, 1, 3]);
+        let ctx = net.attend(&q, &kt, &v);
+        let ctx = net.transpose(&ctx, &[0, 2, 1, 3]);
+        let ctx = net.reshape(&ctx, &merge);
+        let o = net.conv1d(&ctx, &format!("{l}.crossattention.c_proj"))?;
+        x = net.g.node("Add", &[&x, &o], vec![]);
+        let h = net.layer_norm(&x, &format!("{l}.ln_2"), eps)?;
+        let m = net.conv1d(&h, &format!("{l}.mlp.c_fc"))?;
+        let m = net.activation(&m, activation);
+        let m = net.conv1d(&m, &format!("{l}.mlp.c_proj"))?;
+        x = net.g.node("Add", &[&x, &m], vec![]);
+    }
+    let h = net.layer_norm(&x, "decoder.transformer.ln_f", eps)?;
+    let wt = net.transpose(&lm_w, &[1, 0]);
+    let logits = match lm_scale {
+        None => net.g.node("MatMul", &[&h, &wt], vec![]),
+        Some(ws) => net.matmul_int8(&h, &wt, &ws),
+    };
+    net.g.output(&logits, "logits", DataType::Float, &[Dim::Sym("batch_size"), t_dim, vocab.into()]);
+    Ok(net.g.finish("GPT-2 decoder with cross-attention (Optimum image-to-text-with-past layout)", &[("vitgpt2.layout", "optimum".into())]))
+}
