@@ -59,7 +59,7 @@ for bundle in "${bundles[@]}"; do
         cat "$out/x86.err" >&2; exit 1
       fi
       qemu-aarch64 -L "$SYSROOT" "$ARM" "${args[@]}" >"$out/arm.jsonl"
-      if python3 - "$out/x86.jsonl" "$out/arm.jsonl" <<'EOF'
+      if python3 - "$out/x86.jsonl" "$out/arm.jsonl" "$precision" <<'EOF'
 import json, sys
 x86 = [json.loads(l) for l in open(sys.argv[1])]
 arm = [json.loads(l) for l in open(sys.argv[2])]
@@ -68,9 +68,13 @@ worst = 0.0
 for a, b in zip(x86, arm):
     assert a["tokens"] == b["tokens"], f"{a['image']}: tokens differ: {a['tokens']} vs {b['tokens']}"
     assert a["caption"] == b["caption"], f"{a['image']}: captions differ"
-    # NEON and AVX kernels sum in different orders: scores (mean log-probs) agree to ~1e-6.
     worst = max(worst, abs(a["score"] - b["score"]))
-assert worst < 1e-4, f"scores differ by {worst}"
+# NEON and AVX kernels sum in different orders: fp32 scores (mean log-probs) agree to ~1e-7.
+# int8 graphs quantize activations on the fly (round(x / scale)): a last-bit difference can flip
+# one rounding and move that activation by a whole step, so scores agree to ~1e-3 there; the
+# tokens must still be identical.
+tol = 1e-4 if sys.argv[3] == "fp32" else 5e-3
+assert worst < tol, f"scores differ by {worst} (tolerance {tol})"
 print(f"   {len(x86)} images: tokens and captions identical, max score difference {worst:.2e}")
 EOF
       then echo "ok $bundle $precision beams=$beams"; else echo "FAILED $bundle $precision beams=$beams"; status=1; fi
