@@ -191,14 +191,7 @@ impl FrameSource for FilesSource {
             }
             self.at = 0;
         }
-        if let Some(t) = self.last {
-            let due = t + self.period;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
-        self.last = Some(Instant::now());
+        pace(&mut self.last, self.period);
         self.at += 1;
         read_frame(&self.files[self.at - 1])
     }
@@ -208,6 +201,17 @@ impl FrameSource for FilesSource {
     fn describe(&self) -> String {
         format!("{} file(s){}", self.files.len(), if self.repeat { ", looped" } else { "" })
     }
+}
+
+/// Sleeps until `period` after the previous frame, then marks this one's time.
+fn pace(last: &mut Option<Instant>, period: Duration) {
+    if let Some(due) = last.map(|t| t + period) {
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    }
+    *last = Some(Instant::now());
 }
 
 /// A moving gradient, for tests and demos without any image.
@@ -231,14 +235,7 @@ impl FrameSource for SyntheticSource {
         if self.count > 0 && self.made >= self.count {
             return SourceEvent::End;
         }
-        if let Some(t) = self.last {
-            let due = t + self.period;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
-        self.last = Some(Instant::now());
+        pace(&mut self.last, self.period);
         let k = self.made as u32;
         self.made += 1;
         let image = RgbImage::from_fn(self.width, self.height, |x, y| {

@@ -192,6 +192,15 @@ impl<'w> Net<'w> {
         Ok(self.g.node("LayerNormalization", &[x, &w, &b], vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))]))
     }
 
+    /// GPT-2 block's MLP with its pre-norm and residual: `x + c_proj(act(c_fc(ln_2(x))))`.
+    pub fn gpt2_mlp(&mut self, x: &str, layer: &str, eps: f64, act: Activation) -> Result<String> {
+        let h = self.layer_norm(x, &format!("{layer}.ln_2"), eps)?;
+        let m = self.conv1d(&h, &format!("{layer}.mlp.c_fc"))?;
+        let m = self.activation(&m, act);
+        let m = self.conv1d(&m, &format!("{layer}.mlp.c_proj"))?;
+        Ok(self.g.node("Add", &[x, &m], vec![]))
+    }
+
     pub fn activation(&mut self, x: &str, act: Activation) -> String {
         match act {
             Activation::GeluErf => self.g.node("Gelu", &[x], vec![]),
@@ -395,12 +404,7 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
         let ctx = net.reshape(&ctx, &merge);
         let o = net.conv1d(&ctx, &format!("{l}.crossattention.c_proj"))?;
         x = net.g.node("Add", &[&x, &o], vec![]);
-        // MLP.
-        let h = net.layer_norm(&x, &format!("{l}.ln_2"), eps)?;
-        let m = net.conv1d(&h, &format!("{l}.mlp.c_fc"))?;
-        let m = net.activation(&m, activation);
-        let m = net.conv1d(&m, &format!("{l}.mlp.c_proj"))?;
-        x = net.g.node("Add", &[&x, &m], vec![]);
+        x = net.gpt2_mlp(&x, &l, eps, activation)?;
     }
     let h = net.layer_norm(&x, "decoder.transformer.ln_f", eps)?;
     let h = net.reshape(&h, &[0, d as i64]);

@@ -139,11 +139,7 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past
         let ctx = net.reshape(&ctx, &merge);
         let o = net.conv1d(&ctx, &format!("{l}.crossattention.c_proj"))?;
         x = net.g.node("Add", &[&x, &o], vec![]);
-        let h = net.layer_norm(&x, &format!("{l}.ln_2"), eps)?;
-        let m = net.conv1d(&h, &format!("{l}.mlp.c_fc"))?;
-        let m = net.activation(&m, activation);
-        let m = net.conv1d(&m, &format!("{l}.mlp.c_proj"))?;
-        x = net.g.node("Add", &[&x, &m], vec![]);
+        x = net.gpt2_mlp(&x, &l, eps, activation)?;
     }
     let h = net.layer_norm(&x, "decoder.transformer.ln_f", eps)?;
     let wt = net.transpose(&lm_w, &[1, 0]);
