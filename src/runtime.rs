@@ -143,7 +143,12 @@ impl Graph {
             .run_plan_with_eval(inputs, |ctx, st, node, input| {
                 let t = std::time::Instant::now();
                 let r = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
-                let e = by_op.entry(node.op().name().to_string()).or_default();
+                let key = if std::env::var_os("VITGPT2_PROFILE_NODES").is_some() {
+                    format!("{} {}", node.op().name(), node.name)
+                } else {
+                    node.op().name().to_string()
+                };
+                let e = by_op.entry(key).or_default();
                 e.0 += t.elapsed().as_secs_f64() * 1e3;
                 e.1 += 1;
                 r

@@ -5,8 +5,8 @@
 //!   (after `enc_to_dec_proj` when the model has one), computed once per image.
 //! - `decoder_step.onnx`: `input_ids [B,1]`, `position_ids [B,1]` (int64),
 //!   `past.{i}.key/value [B,heads,P,head_dim]` (P symbolic, 0 at the first step) and the cross
-//!   keys/values (batch 1, broadcast over B by MatMul) → `logits [B,vocab]` and
-//!   `present.{i}.key/value [B,heads,P+1,head_dim]`.
+//!   keys/values (batch 1; the B hypotheses become the rows of one product per head) →
+//!   `logits [B,vocab]` and `present.{i}.key/value [B,heads,P+1,head_dim]`.
 //!
 //! Attention scales are folded into the query weights; the LM head is the transposed token
 //! embedding (one stored tensor).
@@ -115,10 +115,22 @@ impl<'w> Net<'w> {
         }
     }
 
+    /// One linear layer over concatenated weights, split into `parts` equal outputs: the query,
+    /// key and value projections as one matmul (one packing of `x`, one wider product).
+    pub fn linear_split(&mut self, x: &str, name: &str, w: &[f32], din: usize, dout: usize, b: &[f32], parts: usize) -> Vec<String> {
+        let y = self.linear(x, name, w, din, dout, b);
+        let sizes = self.g.shape_const(&vec![(dout / parts) as i64; parts]);
+        let outs = self.g.fresh_names("split", parts);
+        let refs: Vec<&str> = outs.iter().map(|s| s.as_str()).collect();
+        self.g.node_multi("Split", &[&y, &sizes], &refs, vec![("axis", Attr::Int(-1))]);
+        outs
+    }
+
     /// `x · wq` with `wq` int8 `[din, dout]` and per-column scales `ws [dout]`, f32 out.
     ///
     /// Activations are quantized per row, symmetric, to int8 with zero point 0
-    /// (scale = max|row| / 127, Round, Clip, Cast), and MatMulInteger gets no zero points: in
+    /// (scale = max|row| / 127, x · (1/scale), Round, Cast; no Clip: |x| ≤ max|row| keeps the
+    /// rounded value within ±127), and MatMulInteger gets no zero points: in
     /// tract the zero-point compensation then folds away (no per-call weight sums) and the
     /// constant int8 weight is packed once at load. (onnxruntime's DynamicQuantizeLinear gives
     /// uint8 with a dynamic zero point, which makes tract sum the weights at every call.)
@@ -130,18 +142,17 @@ impl<'w> Net<'w> {
                     let axes = self.g.init_i64("q.axes_last", &[1], &[-1]);
                     let tiny = self.g.init_f32("q.tiny", &[], &[1e-12]);
                     let inv127 = self.g.init_f32("q.inv127", &[], &[1.0 / 127.0]);
-                    let lo = self.g.init_f32("q.lo", &[], &[-127.0]);
-                    let hi = self.g.init_f32("q.hi", &[], &[127.0]);
-                    self.consts = vec![axes, tiny, inv127, lo, hi];
+                    self.consts = vec![axes, tiny, inv127];
                 }
                 let c = self.consts.clone();
                 let a = self.g.node("Abs", &[x], vec![]);
                 let m = self.g.node("ReduceMax", &[&a, &c[0]], vec![("keepdims", Attr::Int(1))]);
                 let m = self.g.node("Max", &[&m, &c[1]], vec![]);
                 let scale = self.g.node("Mul", &[&m, &c[2]], vec![]);
-                let r = self.g.node("Div", &[x, &scale], vec![]);
+                // One reciprocal per row, then a multiply over the row: cheaper than a divide.
+                let inv = self.g.node("Reciprocal", &[&scale], vec![]);
+                let r = self.g.node("Mul", &[x, &inv], vec![]);
                 let r = self.g.node("Round", &[&r], vec![]);
-                let r = self.g.node("Clip", &[&r, &c[3], &c[4]], vec![]);
                 let q = self.g.node("Cast", &[&r], vec![("to", Attr::Int(DataType::Int8 as i64))]);
                 self.quantized.insert(x.to_string(), (q.clone(), scale.clone()));
                 (q, scale)
@@ -272,15 +283,14 @@ pub fn vit(net: &mut Net, cfg: &ModelConfig, pixel_values: &str) -> Result<Strin
     for i in 0..e.num_hidden_layers {
         let l = format!("encoder.encoder.layer.{i}");
         let h = net.layer_norm(&x, &format!("{l}.layernorm_before"), e.layer_norm_eps)?;
-        let q = net.nn_linear(&h, &format!("{l}.attention.attention.query"), scale)?;
-        let k = net.nn_linear(&h, &format!("{l}.attention.attention.key"), 1.0)?;
-        let v = net.nn_linear(&h, &format!("{l}.attention.attention.value"), 1.0)?;
+        let qkv = vit_qkv(net, &h, &format!("{l}.attention.attention"), d, scale)?;
+        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
         let split = [1, s as i64, heads as i64, hd as i64];
-        let q = net.reshape(&q, &split);
+        let q = net.reshape(q, &split);
         let q = net.transpose(&q, &[0, 2, 1, 3]);
-        let k = net.reshape(&k, &split);
+        let k = net.reshape(k, &split);
         let kt = net.transpose(&k, &[0, 2, 3, 1]);
-        let v = net.reshape(&v, &split);
+        let v = net.reshape(v, &split);
         let v = net.transpose(&v, &[0, 2, 1, 3]);
         let ctx = net.attend(&q, &kt, &v);
         let ctx = net.transpose(&ctx, &[0, 2, 1, 3]);
@@ -294,6 +304,27 @@ pub fn vit(net: &mut Net, cfg: &ModelConfig, pixel_values: &str) -> Result<Strin
         x = net.g.node("Add", &[&x, &m], vec![]);
     }
     net.layer_norm(&x, "encoder.layernorm", e.layer_norm_eps)
+}
+
+/// ViT's query, key and value projections (`nn.Linear`, stored `[out, in]`) as one matmul; the
+/// attention scale is folded into the query columns.
+fn vit_qkv(net: &mut Net, h: &str, prefix: &str, d: usize, scale: f32) -> Result<Vec<String>> {
+    let mut w = vec![0f32; d * 3 * d];
+    let mut b = Vec::with_capacity(3 * d);
+    for (j, (part, mult)) in [("query", scale), ("key", 1.0), ("value", 1.0)].into_iter().enumerate() {
+        let (dims, wj) = net.get(&format!("{prefix}.{part}.weight"))?;
+        let (_, bj) = net.get(&format!("{prefix}.{part}.bias"))?;
+        if dims[..] != [d, d] {
+            return Err(Error::setting("export", format!("{prefix}.{part}.weight is {dims:?}, expected [{d}, {d}]")));
+        }
+        for o in 0..d {
+            for i in 0..d {
+                w[i * 3 * d + j * d + o] = wj[o * d + i] * mult;
+            }
+        }
+        b.extend(bj.iter().map(|v| v * mult));
+    }
+    Ok(net.linear_split(h, &format!("{prefix}.qkv"), &w, d, 3 * d, &b, 3))
 }
 
 /// The encoder output as the decoder sees it (after `enc_to_dec_proj` when present).
@@ -362,6 +393,10 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
     }
     // Token embedding: one stored tensor, also the LM head.
     let wte_name = "decoder.transformer.wte.weight";
+    // The residual stream is [B, D] (not [B, 1, D]): every linear layer is then one matmul with
+    // the hypotheses as rows, reading each weight once per step whatever the beam width.
+    let ids = net.reshape(&ids, &[-1]);
+    let pos = net.reshape(&pos, &[-1]);
     let (tok, lm_w, lm_scale) = token_embedding(&mut net, wte_name, &ids, vocab, d)?;
     let wpe = net.f32_init("decoder.transformer.wpe.weight")?;
     let pe = net.g.node("Gather", &[&wpe, &pos], vec![("axis", Attr::Int(0))]);
@@ -369,20 +404,17 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
     let activation = act(&dd.activation_function, "decoder.activation_function")?;
     let eps = dd.layer_norm_epsilon;
     let split = [0, heads as i64, 1, hd as i64];
-    let merge = [0, 1, d as i64];
+    let merge = [0, d as i64];
     let out_dims = |p: &'static str| vec![Dim::Sym("B"), heads.into(), Dim::Sym(p), hd.into()];
     for i in 0..dd.n_layer {
         let l = format!("decoder.transformer.h.{i}");
         let scale = gpt2_scale(cfg, i);
         // Causal self-attention over past + this token (a single token sees every position).
         let h = net.layer_norm(&x, &format!("{l}.ln_1"), eps)?;
-        let c_attn = format!("{l}.attn.c_attn");
-        let q = net.conv1d_cols(&h, &c_attn, 0..d, scale, ".query")?;
-        let k = net.conv1d_cols(&h, &c_attn, d..2 * d, 1.0, ".key")?;
-        let v = net.conv1d_cols(&h, &c_attn, 2 * d..3 * d, 1.0, ".value")?;
-        let q = net.reshape(&q, &split);
-        let k = net.reshape(&k, &split);
-        let v = net.reshape(&v, &split);
+        let qkv = gpt2_qkv(&mut net, &h, &format!("{l}.attn.c_attn"), d, scale)?;
+        let q = net.reshape(&qkv[0], &split);
+        let k = net.reshape(&qkv[1], &split);
+        let v = net.reshape(&qkv[2], &split);
         let pk = format!("present.{i}.key");
         let pv = format!("present.{i}.value");
         net.g.node_to("Concat", &[&past[2 * i], &k], &pk, vec![("axis", Attr::Int(2))]);
@@ -398,16 +430,22 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
         let h = net.layer_norm(&x, &format!("{l}.ln_cross_attn"), eps)?;
         let dq = net.get(&format!("{l}.crossattention.q_attn.weight"))?.0[1];
         let q = net.conv1d_cols(&h, &format!("{l}.crossattention.q_attn"), 0..dq, scale, "")?;
-        let q = net.reshape(&q, &split);
-        let kt = net.transpose(&cross[2 * i], &[0, 1, 3, 2]);
-        let ctx = net.attend(&q, &kt, &cross[2 * i + 1]);
+        // The cached keys/values are one image's: put the hypotheses in the rows of one
+        // [heads, B, hd] · [heads, hd, S] product instead of broadcasting the cache over B.
+        let q = net.reshape(&q, &[0, heads as i64, hd as i64]);
+        let q = net.transpose(&q, &[1, 0, 2]);
+        let per_head = [heads as i64, s as i64, hd as i64];
+        let k = net.reshape(&cross[2 * i], &per_head);
+        let kt = net.transpose(&k, &[0, 2, 1]);
+        let v = net.reshape(&cross[2 * i + 1], &per_head);
+        let ctx = net.attend(&q, &kt, &v);
+        let ctx = net.transpose(&ctx, &[1, 0, 2]);
         let ctx = net.reshape(&ctx, &merge);
         let o = net.conv1d(&ctx, &format!("{l}.crossattention.c_proj"))?;
         x = net.g.node("Add", &[&x, &o], vec![]);
         x = net.gpt2_mlp(&x, &l, eps, activation)?;
     }
     let h = net.layer_norm(&x, "decoder.transformer.ln_f", eps)?;
-    let h = net.reshape(&h, &[0, d as i64]);
     let wt = net.transpose(&lm_w, &[1, 0]);
     let logits = match lm_scale {
         None => net.g.node("MatMul", &[&h, &wt], vec![]),
@@ -415,6 +453,23 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
     };
     net.g.output(&logits, "logits", DataType::Float, &[Dim::Sym("B"), vocab.into()]);
     Ok(net.g.finish("GPT-2 decoder step with self-attention cache and cached cross keys/values (vitgpt2 fast layout)", &meta(form)))
+}
+
+/// GPT-2's `c_attn` (Conv1D `[in, 3·out]`) as one matmul split into query, key and value; the
+/// attention scale is folded into the query columns.
+fn gpt2_qkv(net: &mut Net, h: &str, prefix: &str, d: usize, scale: f32) -> Result<Vec<String>> {
+    let (dims, w) = net.get(&format!("{prefix}.weight"))?;
+    let (_, b) = net.get(&format!("{prefix}.bias"))?;
+    if dims[..] != [d, 3 * d] {
+        return Err(Error::setting("export", format!("{prefix}.weight is {dims:?}, expected [{d}, {}]", 3 * d)));
+    }
+    let mut w = w.clone();
+    let mut b = b.clone();
+    for r in 0..d {
+        w[r * 3 * d..r * 3 * d + d].iter_mut().for_each(|v| *v *= scale);
+    }
+    b[..d].iter_mut().for_each(|v| *v *= scale);
+    Ok(net.linear_split(h, prefix, &w, d, 3 * d, &b, 3))
 }
 
 /// Token embedding rows for `ids` and the stored tensor the LM head reuses (transposed):

@@ -231,7 +231,9 @@ pub fn draw_scene(rng: &mut SplitMix) -> Scene {
 }
 
 fn radius(big: bool, side: f64, rng: &mut SplitMix) -> f64 {
-    let (lo, hi) = if big { (0.10, 0.125) } else { (0.055, 0.07) };
+    // Small shapes stay ≥ 10 px wide once the demo model resizes to 64 px, so that a
+    // star, a cross and a circle differ by more than a pixel or two; big ones are 1.6× that.
+    let (lo, hi) = if big { (0.13, 0.15) } else { (0.08, 0.093) };
     side * (lo + (hi - lo) * rng.uniform())
 }
 
@@ -367,6 +369,31 @@ mod tests {
 
     fn g(count: usize, big: bool, shape: Shape, colour: Colour) -> Group {
         Group { count, big, shape, colour }
+    }
+
+    #[test]
+    fn shapes_never_overlap() {
+        // The worst case is two big shapes in one half of the image.
+        let mut rng = SplitMix::new(7);
+        for _ in 0..3000 {
+            let scene = draw_scene(&mut rng);
+            let s = 128.0;
+            let m = s * 0.03;
+            let mut shapes = Vec::new();
+            match &scene.second {
+                None => place(&scene.first, (m, m, s - m, s - m), s, &mut rng, &mut shapes),
+                Some((_, b)) => {
+                    place(&scene.first, (m, m, s / 2.0 - m, s - m), s, &mut rng, &mut shapes);
+                    place(b, (s / 2.0 + m, m, s - m, s - m), s, &mut rng, &mut shapes);
+                }
+            }
+            for (i, a) in shapes.iter().enumerate() {
+                assert!(a.0 - a.2 >= 0.0 && a.0 + a.2 <= s && a.1 - a.2 >= 0.0 && a.1 + a.2 <= s);
+                for b in &shapes[..i] {
+                    assert!(((a.0 - b.0).powi(2) + (a.1 - b.1).powi(2)).sqrt() > a.2 + b.2, "{scene:?}");
+                }
+            }
+        }
     }
 
     #[test]
