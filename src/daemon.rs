@@ -98,6 +98,9 @@ struct Control {
     paused: AtomicBool,
     caption_now: AtomicBool,
     source_error: Mutex<Option<String>>,
+    /// When the captioning thread last went round its loop: the systemd watchdog is fed only
+    /// while this is recent, so a hung model run (not just a hung publisher) gets restarted.
+    caption_beat: Mutex<Option<Instant>>,
 }
 
 struct Frame {
@@ -370,6 +373,9 @@ fn caption_loop(
     let mut last_start: Option<Instant> = None;
     let mut last_thumb: Option<camera::Thumb> = None;
     loop {
+        if let Ok(mut b) = control.caption_beat.lock() {
+            *b = Some(Instant::now());
+        }
         if control.stop.load(Relaxed) {
             return;
         }
@@ -377,6 +383,9 @@ fn caption_loop(
         if let Some(t) = last_start {
             while t.elapsed() < interval && !control.caption_now.load(Relaxed) && !control.stop.load(Relaxed) {
                 std::thread::sleep((interval - t.elapsed()).min(Duration::from_millis(20)));
+                if let Ok(mut b) = control.caption_beat.lock() {
+                    *b = Some(Instant::now());
+                }
             }
         }
         let mut frame = match rx.recv_timeout(Duration::from_millis(100)) {
@@ -496,7 +505,10 @@ fn publish_loop(
 
     loop {
         if let Some(w) = watchdog {
-            if last_ping.elapsed() >= w {
+            // `w` is half of WatchdogSec; a captioning thread silent for a whole WatchdogSec
+            // (one caption plus the interval wait never takes that long) stops the pings.
+            let caption_alive = control.caption_beat.lock().ok().and_then(|b| *b).is_none_or(|t| t.elapsed() < 2 * w);
+            if last_ping.elapsed() >= w && caption_alive {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                 last_ping = Instant::now();
             }

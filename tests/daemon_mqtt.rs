@@ -603,3 +603,52 @@ fn in_process_broker_serves_captions() {
     wait_until("2 captions", Duration::from_secs(20), || sub.captions("t/cam1/caption").len() >= 2);
     wait_until("empty spool", Duration::from_secs(5), || spooled(&spool).is_empty());
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec`): READY=1 once running, WATCHDOG=1 at half the
+/// watchdog period while the captioning thread is alive, STOPPING=1 on SIGTERM. (No broker
+/// needed: MQTT off.)
+#[test]
+fn systemd_notify_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let watch = dir.path().join("in");
+    std::fs::create_dir_all(&watch).unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let cfg = config(&watch, &dir.path().join("spool"), free_port(), "enabled = false", "");
+    let cfg_path = dir.path().join("notify.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    // systemd names the watched process in WATCHDOG_PID: `exec` keeps the shell's pid.
+    let child = Command::new("sh")
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" run --config \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_vitgpt2-node"))
+        .arg(&cfg_path)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("notify.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut node = Node { child, stderr: dir.path().join("notify.err"), stdout: dir.path().join("notify.out") };
+    let mut messages: Vec<String> = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut read_for = |d: Duration, messages: &mut Vec<String>| {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            if let Ok(n) = sock.recv(&mut buf) {
+                messages.extend(String::from_utf8_lossy(&buf[..n]).lines().map(str::to_string));
+            }
+        }
+    };
+    read_for(Duration::from_secs(5), &mut messages);
+    let pings = messages.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(messages.iter().any(|m| m == "READY=1"), "no READY=1: {messages:?}\n{}", node.log());
+    // 5 s at one ping per 0.2 s (minus the model load): well over 5.
+    assert!(pings >= 5, "{pings} watchdog pings in 5 s: {messages:?}");
+    node.signal("TERM");
+    assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(0), "{}", node.log());
+    read_for(Duration::from_millis(300), &mut messages);
+    assert!(messages.iter().any(|m| m == "STOPPING=1"), "no STOPPING=1: {messages:?}");
+}
