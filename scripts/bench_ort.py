@@ -28,6 +28,28 @@ def ms(t):
     return (time.perf_counter() - t) * 1e3
 
 
+def fold_constant_transposes(src, dst):
+    """The tied LM head is `MatMul(h, Transpose(wte))`: quantize_dynamic only quantizes MatMuls
+    whose weight is an initializer, so it would leave onnxruntime's LM head in fp32. Folding the
+    Transpose into a second (transposed) initializer gives onnxruntime its best int8 form."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(src)
+    inits = {t.name: t for t in m.graph.initializer}
+    keep = []
+    for n in m.graph.node:
+        if n.op_type == "Transpose" and n.input[0] in inits:
+            perm = next((list(at.ints) for at in n.attribute if at.name == "perm"), None)
+            w = numpy_helper.to_array(inits[n.input[0]])
+            m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), n.output[0]))
+        else:
+            keep.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    onnx.save(m, dst)
+    return dst
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
@@ -56,7 +78,8 @@ def main():
         for g in ("encoder_fast", "decoder_step"):
             dst = os.path.join(a.ort_quantize, f"{g}_ortq.onnx")
             if not os.path.exists(dst):
-                quantize_dynamic(os.path.join(a.bundle, f"{g}.onnx"), dst, per_channel=True, weight_type=QuantType.QInt8)
+                src = fold_constant_transposes(os.path.join(a.bundle, f"{g}.onnx"), os.path.join(a.ort_quantize, f"{g}_folded.onnx"))
+                quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
         ort_dir, ort_suffix = a.ort_quantize, "_ortq"
 
     ort_results = []

@@ -129,8 +129,8 @@ impl<'w> Net<'w> {
     /// `x · wq` with `wq` int8 `[din, dout]` and per-column scales `ws [dout]`, f32 out.
     ///
     /// Activations are quantized per row, symmetric, to int8 with zero point 0
-    /// (scale = max|row| / 127, x · (1/scale), Round, Cast; no Clip: |x| ≤ max|row| keeps the
-    /// rounded value within ±127), and MatMulInteger gets no zero points: in
+    /// (scale = max|row| / 127, x · (1/scale), round half to even, Cast; no Clip: |x| ≤ max|row|
+    /// keeps the rounded value within ±127), and MatMulInteger gets no zero points: in
     /// tract the zero-point compensation then folds away (no per-call weight sums) and the
     /// constant int8 weight is packed once at load. (onnxruntime's DynamicQuantizeLinear gives
     /// uint8 with a dynamic zero point, which makes tract sum the weights at every call.)
@@ -142,7 +142,8 @@ impl<'w> Net<'w> {
                     let axes = self.g.init_i64("q.axes_last", &[1], &[-1]);
                     let tiny = self.g.init_f32("q.tiny", &[], &[1e-12]);
                     let inv127 = self.g.init_f32("q.inv127", &[], &[1.0 / 127.0]);
-                    self.consts = vec![axes, tiny, inv127];
+                    let magic = self.g.init_f32("q.round_magic", &[], &[12_582_912.0]);
+                    self.consts = vec![axes, tiny, inv127, magic];
                 }
                 let c = self.consts.clone();
                 let a = self.g.node("Abs", &[x], vec![]);
@@ -152,7 +153,11 @@ impl<'w> Net<'w> {
                 // One reciprocal per row, then a multiply over the row: cheaper than a divide.
                 let inv = self.g.node("Reciprocal", &[&scale], vec![]);
                 let r = self.g.node("Mul", &[x, &inv], vec![]);
-                let r = self.g.node("Round", &[&r], vec![]);
+                // Round half to even as (r + 1.5·2²³) − 1.5·2²³ (exact for |r| < 2²²; here ≤ 127):
+                // two vectorised scalar ops that tract chains with the multiply, where its
+                // `Round` is a scalar loop (62 of 185 ms of the encoder's non-matmul time).
+                let r = self.g.node("Add", &[&r, &c[3]], vec![]);
+                let r = self.g.node("Sub", &[&r, &c[3]], vec![]);
                 let q = self.g.node("Cast", &[&r], vec![("to", Attr::Int(DataType::Int8 as i64))]);
                 self.quantized.insert(x.to_string(), (q.clone(), scale.clone()));
                 (q, scale)
