@@ -41,6 +41,13 @@ pub struct BenchArgs {
     /// 16) and print the slowest ops.
     #[arg(long)]
     pub profile: bool,
+    /// With --profile: time every node separately, with tract's description of it (for matrix
+    /// products: the shape and the kernel chosen).
+    #[arg(long, requires = "profile")]
+    pub by_node: bool,
+    /// With --profile: how many lines to print per graph.
+    #[arg(long, default_value_t = 15, requires = "profile")]
+    pub top: usize,
 }
 
 /// `--profile`: per-op times of the fast layout's graphs.
@@ -58,12 +65,12 @@ pub fn profile(args: &BenchArgs) -> Result<()> {
     let print = |what: &str, v: &[(String, f64, usize)]| {
         let total: f64 = v.iter().map(|x| x.1).sum();
         println!("{what}: {total:.1} ms");
-        for (op, ms, n) in v.iter().take(15) {
+        for (op, ms, n) in v.iter().take(args.top) {
             println!("  {ms:9.2} ms {:5.1}%  {n:4} × {op}", 100.0 * ms / total.max(1e-9));
         }
     };
-    let _ = enc.profile(vec![("pixel_values", pixels.clone().into_tensor().into_tvalue())])?;
-    let v = enc.profile(vec![("pixel_values", pixels.into_tensor().into_tvalue())])?;
+    let _ = enc.profile(vec![("pixel_values", pixels.clone().into_tensor().into_tvalue())], args.by_node)?;
+    let v = enc.profile(vec![("pixel_values", pixels.into_tensor().into_tvalue())], args.by_node)?;
     print("encoder", &v);
     let out = enc.run("encoder", vec![("pixel_values", cap_pixels(&bundle, side).into_tensor().into_tvalue())])?;
     let names: Vec<String> = enc.output_names().to_vec();
@@ -87,8 +94,8 @@ pub fn profile(args: &BenchArgs) -> Result<()> {
             Ok(inputs)
         };
         let a = make()?;
-        let _ = dec.profile(a.iter().map(|(n, t)| (n.as_str(), t.clone())).collect())?;
-        let v = dec.profile(a.iter().map(|(n, t)| (n.as_str(), t.clone())).collect())?;
+        let _ = dec.profile(a.iter().map(|(n, t)| (n.as_str(), t.clone())).collect(), args.by_node)?;
+        let v = dec.profile(a.iter().map(|(n, t)| (n.as_str(), t.clone())).collect(), args.by_node)?;
         print(&format!("decoder step at past {past}"), &v);
     }
     Ok(())

@@ -130,8 +130,9 @@ impl Graph {
     }
 
     /// Runs the graph once with named inputs, timing every node: `(op, ms, nodes)` summed by
-    /// op name, slowest first (`vitgpt2-node bench --profile`).
-    pub fn profile(&self, mut named: Vec<(&str, TValue)>) -> Result<Vec<(String, f64, usize)>> {
+    /// op name (or per node, with its description, when `by_node`), slowest first
+    /// (`vitgpt2-node bench --profile [--by-node]`).
+    pub fn profile(&self, mut named: Vec<(&str, TValue)>, by_node: bool) -> Result<Vec<(String, f64, usize)>> {
         let mut inputs: TVec<TValue> = tvec!();
         for name in &self.inputs {
             let pos = named.iter().position(|(n, _)| n == name).ok_or_else(|| Error::runtime("profile", format!("no value for input `{name}`")))?;
@@ -143,8 +144,9 @@ impl Graph {
             .run_plan_with_eval(inputs, |ctx, st, node, input| {
                 let t = std::time::Instant::now();
                 let r = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
-                let key = if std::env::var_os("VITGPT2_PROFILE_NODES").is_some() {
-                    format!("{} {}", node.op().name(), node.name)
+                let key = if by_node {
+                    // Node name and tract's own description (for matmuls: shape and kernel).
+                    format!("{} {} {}", node.op().name(), node.name, node.op().info().unwrap_or_default().join("; "))
                 } else {
                     node.op().name().to_string()
                 };

@@ -132,6 +132,8 @@ fn bench_reports_every_figure() {
         tokens: 8,
         json: true,
         profile: false,
+        by_node: false,
+        top: 15,
     };
     let r = vitgpt2::bench::bench(&args).unwrap();
     assert!(r.quantized);
