@@ -30,6 +30,10 @@ pub struct TrainAndExportArgs {
     /// "--train data/synth/captions.json --init-preset tiny --steps 400 --out runs/demo".
     #[arg(long, allow_hyphen_values = true)]
     pub train_args: Option<String>,
+    /// With --from-checkpoint: how the checkpoint was trained (e.g. the `train` command lines),
+    /// recorded in the manifest next to the checkpoint's trainer_state.json when it has one.
+    #[arg(long, requires = "from_checkpoint")]
+    pub training_note: Option<String>,
     /// Held-out captions (COCO or flat records) to evaluate on.
     #[arg(long)]
     pub eval: Option<PathBuf>,
@@ -120,7 +124,14 @@ fn greedy(g: &GenerationConfig) -> GenerationConfig {
 pub fn train_and_export(args: &TrainAndExportArgs) -> Result<i32> {
     // 1. Train, or take the checkpoint.
     let (ckpt, trained) = match (&args.from_checkpoint, &args.train_args) {
-        (Some(c), _) => (c.clone(), Value::Null),
+        (Some(c), _) => {
+            let state = std::fs::read_to_string(c.join("trainer_state.json")).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok());
+            let t = match (&args.training_note, state) {
+                (None, None) => Value::Null,
+                (note, state) => json!({"note": note, "trainer_state": state}),
+            };
+            (c.clone(), t)
+        }
         (None, Some(s)) => {
             let mut argv = vec!["train".to_string()];
             argv.extend(s.split_whitespace().map(String::from));
