@@ -43,6 +43,8 @@ images=()
 for f in tests/fixtures/images/*; do
   case "$(basename "$f")" in bad_*) ;; *) images+=("$f") ;; esac
 done
+# The demo bundle's own held-out scenes too: images it was trained for, not only far-off ones.
+[ -d models/synthetic-fr/samples ] && images+=(models/synthetic-fr/samples/*.png)
 bundles=(tests/fixtures/tiny-vit-gpt2)
 [ -d models/synthetic-fr ] && bundles+=(models/synthetic-fr)
 
@@ -64,18 +66,27 @@ import json, sys
 x86 = [json.loads(l) for l in open(sys.argv[1])]
 arm = [json.loads(l) for l in open(sys.argv[2])]
 assert len(x86) == len(arm), f"{len(x86)} vs {len(arm)} lines"
-worst = 0.0
+# NEON and AVX kernels sum in different orders: fp32 scores (mean log-probs) agree to ~1e-7 and
+# the tokens must be identical. int8 graphs quantize activations on the fly (round(x / scale)): a
+# last-bit difference can flip one rounding and move that activation by a whole step, so scores
+# agree to ~1e-3 there — and where two hypotheses are tied that closely (a degenerate repeated
+# token on an image far from the training data, under beam search), either may win. So for int8 a
+# different result is accepted only as such a near-tie: both best scores within the tolerance.
+int8 = sys.argv[3] != "fp32"
+tol = 5e-3 if int8 else 1e-4
+worst, ties = 0.0, []
 for a, b in zip(x86, arm):
-    assert a["tokens"] == b["tokens"], f"{a['image']}: tokens differ: {a['tokens']} vs {b['tokens']}"
-    assert a["caption"] == b["caption"], f"{a['image']}: captions differ"
-    worst = max(worst, abs(a["score"] - b["score"]))
-# NEON and AVX kernels sum in different orders: fp32 scores (mean log-probs) agree to ~1e-7.
-# int8 graphs quantize activations on the fly (round(x / scale)): a last-bit difference can flip
-# one rounding and move that activation by a whole step, so scores agree to ~1e-3 there; the
-# tokens must still be identical.
-tol = 1e-4 if sys.argv[3] == "fp32" else 5e-3
+    d = abs(a["score"] - b["score"])
+    worst = max(worst, d)
+    if a["tokens"] != b["tokens"]:
+        assert int8 and d < tol, f"{a['image']}: tokens differ: {a['tokens']} ({a['score']}) vs {b['tokens']} ({b['score']})"
+        ties.append(f"{a['image']} (scores {a['score']:.5f} / {b['score']:.5f})")
+    else:
+        assert a["caption"] == b["caption"], f"{a['image']}: captions differ"
 assert worst < tol, f"scores differ by {worst} (tolerance {tol})"
-print(f"   {len(x86)} images: tokens and captions identical, max score difference {worst:.2e}")
+same = len(x86) - len(ties)
+print(f"   {len(x86)} images: tokens and captions identical on {same}, max score difference {worst:.2e}"
+      + (f"; near-ties resolved differently: {', '.join(ties)}" if ties else ""))
 EOF
       then echo "ok $bundle $precision beams=$beams"; else echo "FAILED $bundle $precision beams=$beams"; status=1; fi
     done
