@@ -217,6 +217,17 @@ impl<'w> Net<'w> {
         Ok(self.g.node("Add", &[x, &m], vec![]))
     }
 
+    /// GPT-2's final layer norm and the LM head tied to the token embedding (`lm_w`
+    /// `[vocab, d]`, stored once; int8 with its per-row scales `lm_scale`).
+    pub fn lm_head(&mut self, x: &str, eps: f64, lm_w: &str, lm_scale: Option<&str>) -> Result<String> {
+        let h = self.layer_norm(x, "decoder.transformer.ln_f", eps)?;
+        let wt = self.transpose(lm_w, &[1, 0]);
+        Ok(match lm_scale {
+            None => self.g.node("MatMul", &[&h, &wt], vec![]),
+            Some(ws) => self.matmul_int8(&h, &wt, ws),
+        })
+    }
+
     pub fn activation(&mut self, x: &str, act: Activation) -> String {
         match act {
             Activation::GeluErf => self.g.node("Gelu", &[x], vec![]),
@@ -450,12 +461,7 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
         x = net.g.node("Add", &[&x, &o], vec![]);
         x = net.gpt2_mlp(&x, &l, eps, activation)?;
     }
-    let h = net.layer_norm(&x, "decoder.transformer.ln_f", eps)?;
-    let wt = net.transpose(&lm_w, &[1, 0]);
-    let logits = match lm_scale {
-        None => net.g.node("MatMul", &[&h, &wt], vec![]),
-        Some(ws) => net.matmul_int8(&h, &wt, &ws),
-    };
+    let logits = net.lm_head(&x, eps, &lm_w, lm_scale.as_deref())?;
     net.g.output(&logits, "logits", DataType::Float, &[Dim::Sym("B"), vocab.into()]);
     Ok(net.g.finish("GPT-2 decoder step with self-attention cache and cached cross keys/values (vitgpt2 fast layout)", &meta(form)))
 }

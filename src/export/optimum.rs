@@ -141,12 +141,7 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past
         x = net.g.node("Add", &[&x, &o], vec![]);
         x = net.gpt2_mlp(&x, &l, eps, activation)?;
     }
-    let h = net.layer_norm(&x, "decoder.transformer.ln_f", eps)?;
-    let wt = net.transpose(&lm_w, &[1, 0]);
-    let logits = match lm_scale {
-        None => net.g.node("MatMul", &[&h, &wt], vec![]),
-        Some(ws) => net.matmul_int8(&h, &wt, &ws),
-    };
+    let logits = net.lm_head(&x, eps, &lm_w, lm_scale.as_deref())?;
     net.g.output(&logits, "logits", DataType::Float, &[Dim::Sym("batch_size"), t_dim, vocab.into()]);
     Ok(net.g.finish("GPT-2 decoder with cross-attention (Optimum image-to-text-with-past layout)", &[("vitgpt2.layout", "optimum".into())]))
 }
