@@ -103,6 +103,20 @@ struct Control {
     caption_beat: Mutex<Option<Instant>>,
 }
 
+impl Control {
+    /// The captioning thread is alive (see `caption_beat`).
+    fn beat(&self) {
+        if let Ok(mut b) = self.caption_beat.lock() {
+            *b = Some(Instant::now());
+        }
+    }
+
+    /// Whether the captioning thread went round its loop within `within` (true before it starts).
+    fn caption_alive(&self, within: Duration) -> bool {
+        self.caption_beat.lock().ok().and_then(|b| *b).is_none_or(|t| t.elapsed() < within)
+    }
+}
+
 struct Frame {
     seq: u64,
     image: image::RgbImage,
@@ -373,9 +387,7 @@ fn caption_loop(
     let mut last_start: Option<Instant> = None;
     let mut last_thumb: Option<camera::Thumb> = None;
     loop {
-        if let Ok(mut b) = control.caption_beat.lock() {
-            *b = Some(Instant::now());
-        }
+        control.beat();
         if control.stop.load(Relaxed) {
             return;
         }
@@ -383,9 +395,7 @@ fn caption_loop(
         if let Some(t) = last_start {
             while t.elapsed() < interval && !control.caption_now.load(Relaxed) && !control.stop.load(Relaxed) {
                 std::thread::sleep((interval - t.elapsed()).min(Duration::from_millis(20)));
-                if let Ok(mut b) = control.caption_beat.lock() {
-                    *b = Some(Instant::now());
-                }
+                control.beat();
             }
         }
         let mut frame = match rx.recv_timeout(Duration::from_millis(100)) {
@@ -507,8 +517,7 @@ fn publish_loop(
         if let Some(w) = watchdog {
             // `w` is half of WatchdogSec; a captioning thread silent for a whole WatchdogSec
             // (one caption plus the interval wait never takes that long) stops the pings.
-            let caption_alive = control.caption_beat.lock().ok().and_then(|b| *b).is_none_or(|t| t.elapsed() < 2 * w);
-            if last_ping.elapsed() >= w && caption_alive {
+            if last_ping.elapsed() >= w && control.caption_alive(2 * w) {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                 last_ping = Instant::now();
             }

@@ -116,7 +116,9 @@ impl<'w> Net<'w> {
     }
 
     /// One linear layer over concatenated weights, split into `parts` equal outputs: the query,
-    /// key and value projections as one matmul (one packing of `x`, one wider product).
+    /// key and value projections as one node and one wider product for runtimes that keep it
+    /// fused. (tract's optimizer splits it back per part: neutral there, measured. The quantized
+    /// input is shared either way, through `quantized`.)
     pub fn linear_split(&mut self, x: &str, name: &str, w: &[f32], din: usize, dout: usize, b: &[f32], parts: usize) -> Vec<String> {
         let y = self.linear(x, name, w, din, dout, b);
         let sizes = self.g.shape_const(&vec![(dout / parts) as i64; parts]);
@@ -155,7 +157,8 @@ impl<'w> Net<'w> {
                 let r = self.g.node("Mul", &[x, &inv], vec![]);
                 // Round half to even as (r + 1.5·2²³) − 1.5·2²³ (exact for |r| < 2²²; here ≤ 127):
                 // two vectorised scalar ops that tract chains with the multiply, where its
-                // `Round` is a scalar loop (62 of 185 ms of the encoder's non-matmul time).
+                // `Round` is a scalar loop (measured over the full-size encoder, loaded machine:
+                // 62 ms for Round, 11 ms for the whole Mul+Add+Sub chain).
                 let r = self.g.node("Add", &[&r, &c[3]], vec![]);
                 let r = self.g.node("Sub", &[&r, &c[3]], vec![]);
                 let q = self.g.node("Cast", &[&r], vec![("to", Attr::Int(DataType::Int8 as i64))]);
@@ -215,6 +218,21 @@ impl<'w> Net<'w> {
         let m = self.activation(&m, act);
         let m = self.conv1d(&m, &format!("{layer}.mlp.c_proj"))?;
         Ok(self.g.node("Add", &[x, &m], vec![]))
+    }
+
+    /// `x + c_proj(ctx)`: an attention block's output projection (GPT-2 Conv1D) and residual.
+    pub fn residual_proj(&mut self, x: &str, ctx: &str, c_proj: &str) -> Result<String> {
+        let o = self.conv1d(ctx, c_proj)?;
+        Ok(self.g.node("Add", &[x, &o], vec![]))
+    }
+
+    /// The cross-attention query of GPT-2 layer `layer`: `q_attn(ln_cross_attn(x))`, with the
+    /// attention scale folded into its weights.
+    pub fn cross_query(&mut self, x: &str, layer: &str, eps: f64, scale: f32) -> Result<String> {
+        let h = self.layer_norm(x, &format!("{layer}.ln_cross_attn"), eps)?;
+        let q_attn = format!("{layer}.crossattention.q_attn");
+        let dq = self.get(&format!("{q_attn}.weight"))?.0[1];
+        self.conv1d_cols(&h, &q_attn, 0..dq, scale, "")
     }
 
     /// GPT-2's final layer norm and the LM head tied to the token embedding (`lm_w`
@@ -440,12 +458,9 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
         let kt = net.transpose(&pk, &[0, 1, 3, 2]);
         let ctx = net.attend(&q, &kt, &pv);
         let ctx = net.reshape(&ctx, &merge);
-        let o = net.conv1d(&ctx, &format!("{l}.attn.c_proj"))?;
-        x = net.g.node("Add", &[&x, &o], vec![]);
+        x = net.residual_proj(&x, &ctx, &format!("{l}.attn.c_proj"))?;
         // Cross-attention on the cached encoder keys/values.
-        let h = net.layer_norm(&x, &format!("{l}.ln_cross_attn"), eps)?;
-        let dq = net.get(&format!("{l}.crossattention.q_attn.weight"))?.0[1];
-        let q = net.conv1d_cols(&h, &format!("{l}.crossattention.q_attn"), 0..dq, scale, "")?;
+        let q = net.cross_query(&x, &l, eps, scale)?;
         // The cached keys/values are one image's: put the hypotheses in the rows of one
         // [heads, B, hd] · [heads, hd, S] product instead of broadcasting the cache over B.
         let q = net.reshape(&q, &[0, heads as i64, hd as i64]);
@@ -457,8 +472,7 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
         let ctx = net.attend(&q, &kt, &v);
         let ctx = net.transpose(&ctx, &[1, 0, 2]);
         let ctx = net.reshape(&ctx, &merge);
-        let o = net.conv1d(&ctx, &format!("{l}.crossattention.c_proj"))?;
-        x = net.g.node("Add", &[&x, &o], vec![]);
+        x = net.residual_proj(&x, &ctx, &format!("{l}.crossattention.c_proj"))?;
         x = net.gpt2_mlp(&x, &l, eps, activation)?;
     }
     let logits = net.lm_head(&x, eps, &lm_w, lm_scale.as_deref())?;
@@ -468,7 +482,7 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
 
 /// GPT-2's `c_attn` (Conv1D `[in, 3·out]`) as one matmul split into query, key and value; the
 /// attention scale is folded into the query columns.
-fn gpt2_qkv(net: &mut Net, h: &str, prefix: &str, d: usize, scale: f32) -> Result<Vec<String>> {
+pub fn gpt2_qkv(net: &mut Net, h: &str, prefix: &str, d: usize, scale: f32) -> Result<Vec<String>> {
     let (dims, w) = net.get(&format!("{prefix}.weight"))?;
     let (_, b) = net.get(&format!("{prefix}.bias"))?;
     if dims[..] != [d, 3 * d] {

@@ -94,10 +94,8 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past
         let l = format!("decoder.transformer.h.{i}");
         let scale = gpt2_scale(cfg, i);
         let h = net.layer_norm(&x, &format!("{l}.ln_1"), eps)?;
-        let c_attn = format!("{l}.attn.c_attn");
         let mut qkv = Vec::new();
-        for (j, (tag, mult)) in [(".query", scale), (".key", 1.0), (".value", 1.0)].into_iter().enumerate() {
-            let y = net.conv1d_cols(&h, &c_attn, j * d..(j + 1) * d, mult, tag)?;
+        for y in super::fast::gpt2_qkv(&mut net, &h, &format!("{l}.attn.c_attn"), d, scale)? {
             let y = net.reshape(&y, &split);
             qkv.push(net.transpose(&y, &[0, 2, 1, 3]));
         }
@@ -119,12 +117,9 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past
         let ctx = net.g.node("MatMul", &[&pr, &pv], vec![]);
         let ctx = net.transpose(&ctx, &[0, 2, 1, 3]);
         let ctx = net.reshape(&ctx, &merge);
-        let o = net.conv1d(&ctx, &format!("{l}.attn.c_proj"))?;
-        x = net.g.node("Add", &[&x, &o], vec![]);
+        x = net.residual_proj(&x, &ctx, &format!("{l}.attn.c_proj"))?;
         // Cross-attention, keys/values recomputed from the encoder output.
-        let h = net.layer_norm(&x, &format!("{l}.ln_cross_attn"), eps)?;
-        let dq = net.get(&format!("{l}.crossattention.q_attn.weight"))?.0[1];
-        let q = net.conv1d_cols(&h, &format!("{l}.crossattention.q_attn"), 0..dq, scale, "")?;
+        let q = net.cross_query(&x, &l, eps, scale)?;
         let q = net.reshape(&q, &split);
         let q = net.transpose(&q, &[0, 2, 1, 3]);
         let ca = format!("{l}.crossattention.c_attn");
@@ -137,8 +132,7 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past
         let ctx = net.attend(&q, &kt, &v);
         let ctx = net.transpose(&ctx, &[0, 2, 1, 3]);
         let ctx = net.reshape(&ctx, &merge);
-        let o = net.conv1d(&ctx, &format!("{l}.crossattention.c_proj"))?;
-        x = net.g.node("Add", &[&x, &o], vec![]);
+        x = net.residual_proj(&x, &ctx, &format!("{l}.crossattention.c_proj"))?;
         x = net.gpt2_mlp(&x, &l, eps, activation)?;
     }
     let logits = net.lm_head(&x, eps, &lm_w, lm_scale.as_deref())?;
