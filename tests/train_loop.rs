@@ -96,10 +96,13 @@ fn loss_goes_down_and_frozen_encoder_stays() {
     let gen = vitgpt2::cli::CaptionFiles::generation_config(&cap).clone();
     cap.caption_image(&img, &gen).unwrap();
 
-    // Frozen encoder: the ViT keeps its (seeded) initial weights, the decoder moves.
+    // Frozen encoder: the ViT keeps its (seeded) initial weights, the decoder moves. The preset's
+    // input side and patch are overridden, and its position embeddings start (and, frozen, stay)
+    // the 2-D sine-cosine table.
     let out2 = dir.path().join("frozen");
-    train(&parse(&with(base_args(&caps, &out2, 2), &["--save-every", "0", "--freeze-encoder"]))).unwrap();
+    train(&parse(&with(base_args(&caps, &out2, 2), &["--save-every", "0", "--freeze-encoder", "--image-size", "32", "--patch-size", "8"]))).unwrap();
     let cfg = ModelConfig::from_file(&out2.join("model/config.json")).unwrap();
+    assert_eq!((cfg.encoder.image_size, cfg.encoder.patch_size), (32, 8));
     let init = VisionEncoderDecoder::random_init(&cfg, 42, &Device::Cpu).unwrap();
     let (trained, _) = VisionEncoderDecoder::from_checkpoint(&out2.join("model"), &Device::Cpu).unwrap();
     let diff = |n: &str| {
@@ -109,6 +112,8 @@ fn loss_goes_down_and_frozen_encoder_stays() {
     };
     assert_eq!(diff("encoder.encoder.layer.0.attention.attention.query.weight"), 0.0);
     assert_eq!(diff("encoder.embeddings.patch_embeddings.projection.weight"), 0.0);
+    let table = vitgpt2::model::vit::sincos_position_embeddings(&cfg.encoder).unwrap();
+    assert_eq!(trained.params()["encoder.embeddings.position_embeddings"].as_tensor().to_vec3::<f32>().unwrap(), table.to_vec3::<f32>().unwrap());
     assert!(diff("decoder.transformer.h.0.mlp.c_fc.weight") > 0.0);
 }
 

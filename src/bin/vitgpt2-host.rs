@@ -35,6 +35,16 @@ enum Command {
 
 fn main() {
     let args = Cli::parse();
+    // Before any thread starts: candle sizes its CPU pools once.
+    match &args.command {
+        Command::Train(a) => trainer::configure_compute_threads(a.threads, a.workers),
+        Command::TrainAndExport(a) => {
+            if let Some(Ok(t)) = a.train_args.as_deref().map(export::pipeline::parse_train_args) {
+                trainer::configure_compute_threads(t.threads, t.workers);
+            }
+        }
+        _ => {}
+    }
     cli::init_logging("warn");
     let code = match &args.command {
         Command::Caption(a) => commands::caption(a),

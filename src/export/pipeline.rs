@@ -121,6 +121,13 @@ fn greedy(g: &GenerationConfig) -> GenerationConfig {
     GenerationConfig { num_beams: 1, ..g.clone() }
 }
 
+/// The `--train-args` string as `vitgpt2-host train`'s arguments.
+pub fn parse_train_args(s: &str) -> Result<TrainArgs> {
+    let mut argv = vec!["train".to_string()];
+    argv.extend(s.split_whitespace().map(String::from));
+    TrainCli::try_parse_from(&argv).map(|c| c.args).map_err(|e| Error::setting("--train-args", e.to_string()))
+}
+
 pub fn train_and_export(args: &TrainAndExportArgs) -> Result<i32> {
     // 1. Train, or take the checkpoint.
     let (ckpt, trained) = match (&args.from_checkpoint, &args.train_args) {
@@ -133,11 +140,9 @@ pub fn train_and_export(args: &TrainAndExportArgs) -> Result<i32> {
             (c.clone(), t)
         }
         (None, Some(s)) => {
-            let mut argv = vec!["train".to_string()];
-            argv.extend(s.split_whitespace().map(String::from));
-            let cli = TrainCli::try_parse_from(&argv).map_err(|e| Error::setting("--train-args", e.to_string()))?;
+            let train_args = parse_train_args(s)?;
             eprintln!("[train] {}", s);
-            let summary = trainer::train(&cli.args)?;
+            let summary = trainer::train(&train_args)?;
             let t = json!({"steps": summary.steps, "first_loss": summary.first_loss, "last_loss": summary.last_loss, "args": s});
             (summary.model_dir, t)
         }

@@ -14,6 +14,33 @@ fn init() -> Init {
     Init::Randn { mean: 0.0, stdev: INIT_STD }
 }
 
+/// A 2-D sine-cosine table `[1, 1 + grid², hidden]` (MAE's `get_2d_sincos_pos_embed`) to
+/// start the learned position embeddings from when training from scratch: with the default
+/// N(0, 0.02) start, a small encoder trained on CPU was measured to leave position unlearned
+/// (opposite corners' embeddings correlated 0.93), so it could not tell left from above.
+/// Half the channels encode the row, half the column; the CLS slot is zero.
+pub fn sincos_position_embeddings(cfg: &VitConfig) -> Result<Tensor> {
+    let d = cfg.hidden_size;
+    if d % 4 != 0 {
+        candle_core::bail!("sin-cos position embeddings need hidden_size divisible by 4, got {d}");
+    }
+    let side = cfg.image_size / cfg.patch_size;
+    let quarter = d / 4;
+    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let encode = |pos: usize, out: &mut Vec<f32>| {
+        out.extend(omega.iter().map(|w| (pos as f64 * w).sin() as f32));
+        out.extend(omega.iter().map(|w| (pos as f64 * w).cos() as f32));
+    };
+    let mut table = vec![0f32; d];
+    for row in 0..side {
+        for col in 0..side {
+            encode(row, &mut table);
+            encode(col, &mut table);
+        }
+    }
+    Tensor::from_vec(table, (1, side * side + 1, d), &candle_core::Device::Cpu)
+}
+
 #[derive(Debug, Clone)]
 pub struct VitEmbeddings {
     cls_token: Tensor,
@@ -176,5 +203,41 @@ impl Vit {
             x = layer.forward(&x, train)?;
         }
         self.layernorm.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (n(a) * n(b))
+    }
+
+    #[test]
+    fn sincos_table_tells_positions_apart() {
+        let cfg = VitConfig { hidden_size: 96, image_size: 64, patch_size: 8, ..VitConfig::default() };
+        let t = sincos_position_embeddings(&cfg).unwrap();
+        assert_eq!(t.dims(), &[1, 65, 96]);
+        let rows: Vec<Vec<f32>> = t.squeeze(0).unwrap().to_vec2().unwrap();
+        assert!(rows[0].iter().all(|&v| v == 0.0), "CLS slot is zero");
+        // Patch (row 0, col 1) is slot 2: the row half holds sin(0)=0 / cos(0)=1, the column
+        // half sin(1·ω_k) / cos(1·ω_k) with ω_0 = 1.
+        assert_eq!(rows[2][0], 0.0);
+        assert_eq!(rows[2][24], 1.0);
+        assert!((rows[2][48] - 1f32.sin()).abs() < 1e-7 && (rows[2][72] - 1f32.cos()).abs() < 1e-7);
+        // Opposite corners (0,0) and (7,7) are far apart, neighbours close: cosine similarity
+        // drops with distance. (The N(0, 0.02) start gave 0.93 for opposite corners after training.)
+        let (corner, next, far) = (&rows[1], &rows[2], &rows[64]);
+        assert!(cosine(corner, next) > 0.9, "neighbours {}", cosine(corner, next));
+        assert!(cosine(corner, far) < 0.75, "opposite corners {}", cosine(corner, far));
+        // Every patch has its own code.
+        for i in 1..65 {
+            for j in (i + 1)..65 {
+                assert!(cosine(&rows[i], &rows[j]) < 0.999, "slots {i} and {j} coincide");
+            }
+        }
     }
 }
