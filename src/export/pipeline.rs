@@ -2,7 +2,7 @@
 //! fast-layout graphs, evaluate candle, tract fp32 and tract int8 on a held-out set (scores,
 //! latency, token parity), and record it all in the bundle's manifest.json.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -56,26 +56,36 @@ struct TrainCli {
     args: TrainArgs,
 }
 
-/// One stage's progress on stderr: `[name] i/n`.
+/// One stage's progress on stderr: `[name] i/n`, redrawn in place on a terminal; a log file
+/// (stderr not a terminal) gets only the final line of each stage.
 struct Progress {
     name: String,
     n: usize,
     t0: Instant,
+    live: bool,
 }
 
 impl Progress {
     fn new(name: &str, n: usize) -> Self {
-        eprint!("[{name}] 0/{n}");
-        Progress { name: name.into(), n, t0: Instant::now() }
+        let live = std::io::stderr().is_terminal();
+        if live {
+            eprint!("[{name}] 0/{n}");
+        }
+        Progress { name: name.into(), n, t0: Instant::now(), live }
     }
     fn tick(&self, i: usize) {
+        if self.live {
+            self.draw(i);
+        }
+    }
+    fn draw(&self, i: usize) {
         let width = 30;
         let filled = if self.n == 0 { width } else { i * width / self.n };
         eprint!("\r[{}] [{}{}] {i}/{} {:.1}s", self.name, "#".repeat(filled), " ".repeat(width - filled), self.n, self.t0.elapsed().as_secs_f64());
         let _ = std::io::stderr().flush();
     }
     fn done(self) {
-        self.tick(self.n);
+        self.draw(self.n);
         eprintln!();
     }
 }
