@@ -231,7 +231,8 @@ pub fn select_device(name: &str) -> Result<Device> {
 /// read CANDLE_NUM_THREADS / RAYON_NUM_THREADS once, at first use). Candle's pool spin-waits at
 /// every op's barrier, so compute threads plus decoding workers must not outnumber the cores:
 /// on 2 cores with 1 worker, 1 compute thread trained the tiny preset at 82.6 samples/s against
-/// 57.2 with candle's default of 2 (its barrier then spun for 29 % of the samples in `perf`).
+/// 57.2 with candle's default of 2 (debug build; its barrier then spun for 29 % of the samples
+/// in `perf`).
 pub fn configure_compute_threads(threads: Option<usize>, workers: usize) {
     let preset = ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"].iter().any(|v| std::env::var_os(v).is_some());
     if threads.is_none() && preset {
