@@ -47,12 +47,16 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Statistics in f32 also when the model computes in bf16 (mixed precision); every
+        // cast is a no-op in f32.
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         // Biased variance, as torch.
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        normed.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?.broadcast_add(&self.bias.to_dtype(DType::F32)?)?.to_dtype(dtype)
     }
 }
 
@@ -134,12 +138,13 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
 /// Scaled dot-product attention over `[batch, heads, seq, head_dim]` tensors, with an optional
 /// additive mask broadcast over batch and heads. Differentiable softmax (not softmax_last_dim).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>, p_drop: f64, train: bool) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    // Mask and softmax in f32 also when the model computes in bf16 (no-op casts in f32).
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
     let probs = dropout(&probs, p_drop, train)?;
     probs.matmul(v)
 }

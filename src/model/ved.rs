@@ -53,6 +53,18 @@ impl VisionEncoderDecoder {
         })
     }
 
+    /// The same model computing in `dtype` (bf16 for mixed-precision training): every weight is
+    /// this model's f32 parameter cast inside the autograd graph, so gradients land on the f32
+    /// master weights. Rebuild it after each optimizer step (the casts are copies).
+    pub fn compute_view(&self, dtype: DType) -> Result<VisionEncoderDecoder> {
+        let tensors = self.params.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(dtype)?))).collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let with_pooler = tensors.keys().any(|n| n.starts_with("encoder.pooler."));
+        let vb = VarBuilder::from_tensors(tensors, dtype, &self.device);
+        let mut view = Self::load(vb, &self.config, with_pooler)?;
+        view.raw_config = self.raw_config.clone();
+        Ok(view)
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -173,7 +185,8 @@ pub fn shift_tokens_right(labels: &[Vec<i64>], start: u32, pad: u32) -> Result<V
 /// a regression: huggingface/transformers#40111.)
 pub fn caption_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let logits = logits.reshape((b * t, v))?;
+    // The loss in f32 also when the model computes in bf16.
+    let logits = logits.reshape((b * t, v))?.to_dtype(DType::F32)?;
     let labels = labels.flatten_all()?.to_dtype(DType::I64)?;
     let keep = labels.ge(0i64)?;
     let safe = keep.where_cond(&labels, &labels.zeros_like()?)?;

@@ -37,6 +37,12 @@ pub enum Preset {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum PositionInit {
     Sincos,
     Random,
@@ -103,6 +109,10 @@ pub struct TrainArgs {
     /// `cpu`, or `cuda` (built with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Compute precision: `f32`, or `bf16` mixed precision (matrix products in bf16; layer norm,
+    /// softmax, the loss and the master weights in f32). Meant for CUDA; slow on most CPUs.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: ComputeDtype,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
 
@@ -730,7 +740,15 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             let labels = make_labels(&train_tokens, &batch.rows, eos, args.max_tokens);
             rows += batch.rows.len();
             let px = pixels_tensor(batch.pixels, batch.rows.len(), &pre, &device)?;
-            let loss = batch_loss(&model, px, &labels, true, args.freeze_encoder)?;
+            let loss = match args.dtype {
+                ComputeDtype::F32 => batch_loss(&model, px, &labels, true, args.freeze_encoder)?,
+                ComputeDtype::Bf16 => {
+                    // A fresh bf16 view of the f32 master weights each micro-batch (they moved).
+                    let view = model.compute_view(DType::BF16).map_err(rt("bf16 weights"))?;
+                    let px = px.to_dtype(DType::BF16).map_err(rt("batch"))?;
+                    batch_loss(&view, px, &labels, true, args.freeze_encoder)?
+                }
+            };
             let g = (&loss / accum as f64).and_then(|l| l.backward()).map_err(rt("backward"))?;
             for (i, (_, var, _)) in opt.params.iter().enumerate() {
                 if let Some(gi) = g.get(var) {
