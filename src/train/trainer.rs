@@ -731,6 +731,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         let mut loss_sum = 0.0;
         let mut micro_done = 0;
         let mut rows = 0;
+        // bf16: a fresh view of the f32 master weights for this step (the last step moved them).
+        let view = match args.dtype {
+            ComputeDtype::F32 => None,
+            ComputeDtype::Bf16 => Some(model.compute_view(DType::BF16).map_err(rt("bf16 weights"))?),
+        };
         for _ in 0..accum {
             let batch = prefetch.next()?;
             failures.report(&batch.failed);
@@ -740,14 +745,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             let labels = make_labels(&train_tokens, &batch.rows, eos, args.max_tokens);
             rows += batch.rows.len();
             let px = pixels_tensor(batch.pixels, batch.rows.len(), &pre, &device)?;
-            let loss = match args.dtype {
-                ComputeDtype::F32 => batch_loss(&model, px, &labels, true, args.freeze_encoder)?,
-                ComputeDtype::Bf16 => {
-                    // A fresh bf16 view of the f32 master weights each micro-batch (they moved).
-                    let view = model.compute_view(DType::BF16).map_err(rt("bf16 weights"))?;
-                    let px = px.to_dtype(DType::BF16).map_err(rt("batch"))?;
-                    batch_loss(&view, px, &labels, true, args.freeze_encoder)?
-                }
+            let loss = match &view {
+                None => batch_loss(&model, px, &labels, true, args.freeze_encoder)?,
+                Some(v) => batch_loss(v, px.to_dtype(DType::BF16).map_err(rt("batch"))?, &labels, true, args.freeze_encoder)?,
             };
             let g = (&loss / accum as f64).and_then(|l| l.backward()).map_err(rt("backward"))?;
             for (i, (_, var, _)) in opt.params.iter().enumerate() {
