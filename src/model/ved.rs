@@ -60,9 +60,8 @@ impl VisionEncoderDecoder {
         let tensors = self.params.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(dtype)?))).collect::<Result<std::collections::HashMap<_, _>>>()?;
         let with_pooler = tensors.keys().any(|n| n.starts_with("encoder.pooler."));
         let vb = VarBuilder::from_tensors(tensors, dtype, &self.device);
-        let mut view = Self::load(vb, &self.config, with_pooler)?;
-        view.raw_config = self.raw_config.clone();
-        Ok(view)
+        // Not saved (no params, no raw config): checkpoints come from the f32 model.
+        Self::load(vb, &self.config, with_pooler)
     }
 
     pub fn device(&self) -> &Device {
