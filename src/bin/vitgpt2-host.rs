@@ -35,7 +35,7 @@ enum Command {
 
 fn main() {
     let args = Cli::parse();
-    // Before any thread starts: candle sizes its CPU pools once.
+    // Before any thread starts: allocator settings, and candle sizes its CPU pools once.
     trainer::configure_allocator();
     match &args.command {
         Command::Train(a) => trainer::configure_compute_threads(a.threads, a.workers),

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::error::{Error, Result};
@@ -43,6 +44,13 @@ fn read_log(text: &str) -> Curves {
     c
 }
 
+/// One panel's frame: title, margins, room for the axis labels (its y axis is the caller's).
+fn panel<'a, 'b>(area: &'a DrawingArea<BitMapBackend<'b>, Shift>, title: &str) -> ChartBuilder<'a, 'b, BitMapBackend<'b>> {
+    let mut b = ChartBuilder::on(area);
+    b.caption(title, ("sans-serif", 18)).margin(10).margin_right(30).x_label_area_size(30).y_label_area_size(60);
+    b
+}
+
 fn draw(c: &Curves, buf: &mut [u8]) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::with_buffer(buf, (W, H)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -52,14 +60,8 @@ fn draw(c: &Curves, buf: &mut [u8]) -> std::result::Result<(), Box<dyn std::erro
     let ymax = ys().fold(1e-3, f64::max);
     let ymin = ys().fold(ymax, f64::min);
 
-    let mut loss = ChartBuilder::on(&top)
-        .caption("training and validation loss", ("sans-serif", 18))
-        .margin(10)
-        .margin_right(30)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        // Log scale: the loss falls by two orders of magnitude and the late steps matter most.
-        .build_cartesian_2d(0.0..xmax, (ymin * 0.9..ymax * 1.1).log_scale())?;
+    // Log scale: the loss falls by two orders of magnitude and the late steps matter most.
+    let mut loss = panel(&top, "training and validation loss").build_cartesian_2d(0.0..xmax, (ymin * 0.9..ymax * 1.1).log_scale())?;
     loss.configure_mesh().x_desc("step").y_desc("loss (log scale)").x_label_formatter(&|x| format!("{x:.0}")).label_style(("sans-serif", 13)).draw()?;
     let blue = RGBColor(40, 90, 200);
     let red = RGBColor(210, 40, 40);
@@ -68,13 +70,7 @@ fn draw(c: &Curves, buf: &mut [u8]) -> std::result::Result<(), Box<dyn std::erro
     loss.draw_series(c.val.iter().map(|&p| Circle::new(p, 3, red.filled())))?;
     loss.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 13)).draw()?;
 
-    let mut m = ChartBuilder::on(&bottom)
-        .caption("validation scores", ("sans-serif", 18))
-        .margin(10)
-        .margin_right(30)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..xmax, 0.0..1.0)?;
+    let mut m = panel(&bottom, "validation scores").build_cartesian_2d(0.0..xmax, 0.0..1.0)?;
     m.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).label_style(("sans-serif", 13)).draw()?;
     let names = ["BLEU-4", "ROUGE-L", "CIDEr-D / 10", "exact match"];
     let colours = [RGBColor(30, 150, 50), RGBColor(130, 130, 130), RGBColor(240, 140, 20), RGBColor(140, 50, 170)];

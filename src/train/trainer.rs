@@ -257,8 +257,8 @@ pub fn configure_compute_threads(threads: Option<usize>, workers: usize) {
 /// Keeps glibc malloc from handing freed memory back to the kernel after every op. Candle
 /// allocates a fresh tensor per op and frees it soon after; with glibc's defaults the heap top was
 /// trimmed and re-faulted all the time (25 % of the training samples in `perf` were page faults,
-/// page clearing and `brk`). Retaining up to 1 GB of freed heap: tiny preset 117 -> 162
-/// samples/s (release build, 2 cores). Large blocks (> 32 MB) still go to mmap and back.
+/// page clearing and `brk`). Retaining up to 1 GB of freed heap: tiny preset 117 -> 160
+/// samples/s (release build, 2 cores, these settings). Large blocks (> 32 MB) still go to mmap and back.
 /// Skipped when the user set glibc's own MALLOC_*_ variables.
 pub fn configure_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
