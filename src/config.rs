@@ -165,17 +165,17 @@ impl ModelConfig {
             return Err("decoder.add_cross_attention is false: the GPT-2 decoder needs cross-attention to see the image".into());
         }
         let d = &self.decoder;
-        if d.n_head == 0 || d.n_embd % d.n_head != 0 {
+        if d.n_head == 0 || !d.n_embd.is_multiple_of(d.n_head) {
             return Err(format!("decoder.n_embd ({}) is not a multiple of decoder.n_head ({})", d.n_embd, d.n_head));
         }
         let e = &self.encoder;
-        if e.num_attention_heads == 0 || e.hidden_size % e.num_attention_heads != 0 {
+        if e.num_attention_heads == 0 || !e.hidden_size.is_multiple_of(e.num_attention_heads) {
             return Err(format!(
                 "encoder.hidden_size ({}) is not a multiple of encoder.num_attention_heads ({})",
                 e.hidden_size, e.num_attention_heads
             ));
         }
-        if e.patch_size == 0 || e.image_size % e.patch_size != 0 {
+        if e.patch_size == 0 || !e.image_size.is_multiple_of(e.patch_size) {
             return Err(format!("encoder.image_size ({}) is not a multiple of encoder.patch_size ({})", e.image_size, e.patch_size));
         }
         Ok(())

@@ -10,61 +10,49 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use clap::Args;
 use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::camera::{self, FrameSource, SourceEvent};
-use crate::caption::{Captioner, LoadOptions, StageMs};
-use crate::cli::GenerationArgs;
-use crate::generate::GenerationConfig;
+use crate::captioner::{Captioner, StageMs};
+use crate::generate::{GenerationConfig, GenerationOverrides};
+use crate::runtime::{self, LoadOptions};
 use crate::mqtt::{Inbound, Link};
 use crate::node_config::{NodeConfig, SourceKind};
 use crate::spool::Spool;
 
 /// `vitgpt2-node run` flags; each one overrides the config file.
-#[derive(Debug, Clone, Args)]
-pub struct RunArgs {
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
     /// Node configuration (see firmware-config/node.toml).
-    #[arg(long)]
     pub config: PathBuf,
     /// Model bundle directory.
-    #[arg(long)]
     pub model: Option<PathBuf>,
     /// Watch this folder for new images (sets source.kind = "directory").
-    #[arg(long)]
     pub watch: Option<PathBuf>,
     /// MQTT broker host.
-    #[arg(long)]
     pub host: Option<String>,
-    #[arg(long)]
     pub port: Option<u16>,
-    #[arg(long)]
     pub device_id: Option<String>,
     /// Spool folder.
-    #[arg(long)]
     pub spool: Option<PathBuf>,
     /// Minimum milliseconds between captions.
-    #[arg(long)]
     pub interval_ms: Option<u64>,
     /// Stop after this many captions.
-    #[arg(long)]
     pub max_captions: Option<u64>,
     /// Do not connect to any broker (captions go to the spool and stdout).
-    #[arg(long)]
     pub no_mqtt: bool,
-    #[command(flatten)]
-    pub generation: GenerationArgs,
+    pub generation: GenerationOverrides,
 }
 
 /// `vitgpt2-node check-config FILE`.
-#[derive(Debug, Clone, Args)]
-pub struct CheckConfigArgs {
+#[derive(Debug, Clone, Default)]
+pub struct CheckConfigOptions {
     pub file: PathBuf,
 }
 
-pub fn check_config(args: &CheckConfigArgs) -> Result<i32, String> {
+pub fn check_config(args: &CheckConfigOptions) -> Result<i32, String> {
     let cfg = NodeConfig::load(&args.file).map_err(|e| e.to_string())?;
     if !cfg.model.dir.is_dir() {
         return Err(format!("{}: model.dir: {} is not a folder; point it at a model bundle", args.file.display(), cfg.model.dir.display()));
@@ -174,10 +162,10 @@ pub fn log_level(config: &Path) -> String {
     NodeConfig::load(config).map(|c| c.log.level).unwrap_or_else(|_| "info".into())
 }
 
-pub fn run(args: &RunArgs) -> Result<i32, String> {
+pub fn run(args: &RunOptions) -> Result<i32, String> {
     let mut cfg = NodeConfig::load(&args.config).map_err(|e| e.to_string())?;
     apply_overrides(&mut cfg, args);
-    let gen_over = merge_generation(&cfg, &args.generation);
+    let gen_over = args.generation.or(&cfg.model.generation);
 
     let stop = Arc::new(AtomicBool::new(false));
     // A second signal ends at once, for a daemon stuck on something.
@@ -190,14 +178,14 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     if !spool.is_empty() {
         tracing::info!(spool = spool.len(), dir = %cfg.spool.dir.display(), "spool holds captions from an earlier run: they go first");
     }
-    let captioner = Captioner::load(&cfg.model.dir, &LoadOptions { precision: cfg.model.precision, threads: cfg.model.threads })
+    let captioner = runtime::open(&cfg.model.dir, &LoadOptions { precision: cfg.model.precision, threads: cfg.model.threads })
         .map_err(|e| e.to_string())?;
     let gen = gen_over.apply(captioner.generation_config()).map_err(|e| e.to_string())?;
     let model = ModelInfo {
         id: cfg.model.id.clone().unwrap_or_else(|| {
             cfg.model.dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "model".into())
         }),
-        sha256: graphs_sha256(&captioner.bundle().graphs.paths())?,
+        sha256: graphs_sha256(&captioner.engine().weight_files())?,
     };
     let source = camera::open(&cfg.source)?;
     tracing::info!(source = %source.describe(), model = %model.id, sha256 = %model.sha256, "starting");
@@ -239,7 +227,7 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     Ok(0)
 }
 
-fn apply_overrides(cfg: &mut NodeConfig, a: &RunArgs) {
+fn apply_overrides(cfg: &mut NodeConfig, a: &RunOptions) {
     if let Some(m) = &a.model {
         cfg.model.dir = m.clone();
     }
@@ -270,20 +258,8 @@ fn apply_overrides(cfg: &mut NodeConfig, a: &RunArgs) {
     }
 }
 
-fn merge_generation(cfg: &NodeConfig, g: &GenerationArgs) -> crate::caption::GenerationOverrides {
-    let mut o = cfg.model.generation.clone();
-    let f = g.overrides();
-    o.num_beams = f.num_beams.or(o.num_beams);
-    o.max_length = f.max_length.or(o.max_length);
-    o.min_length = f.min_length.or(o.min_length);
-    o.no_repeat_ngram_size = f.no_repeat_ngram_size.or(o.no_repeat_ngram_size);
-    o.length_penalty = f.length_penalty.or(o.length_penalty);
-    o.early_stopping = f.early_stopping.or(o.early_stopping);
-    o
-}
-
 /// sha256 over the bundle's graphs, in order: identifies the exact weights in each message.
-pub fn graphs_sha256(paths: &[&Path]) -> Result<String, String> {
+pub fn graphs_sha256(paths: &[PathBuf]) -> Result<String, String> {
     let mut h = Sha256::new();
     for p in paths {
         let mut f = std::fs::File::open(p).map_err(|e| format!("model bundle: {}: {e}", p.display()))?;

@@ -5,12 +5,10 @@
 //! logits of every row and tells it which rows survive (beam reordering). Graph layouts (Optimum's
 //! export, the project's fast export, the candle model) plug in through that trait.
 
-use std::path::Path;
-
 use ndarray::{Array2, ArrayView1};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::assets::SpecialTokens;
 use crate::error::{Error, Result};
 
 /// A running decoder over `rows` hypotheses that all attend to one image.
@@ -88,54 +86,36 @@ pub struct GenerationConfig {
     pub pad_token_id: u32,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct RawGenerationConfig {
-    max_length: Option<usize>,
-    max_new_tokens: Option<usize>,
-    min_length: Option<usize>,
-    num_beams: Option<usize>,
-    length_penalty: Option<f32>,
-    early_stopping: Option<EarlyStopping>,
-    no_repeat_ngram_size: Option<usize>,
-    decoder_start_token_id: Option<u32>,
-    bos_token_id: Option<u32>,
-    eos_token_id: Option<OneOrMany>,
-    pad_token_id: Option<u32>,
-    do_sample: Option<bool>,
-    repetition_penalty: Option<f32>,
+/// The fields of a `generation_config.json` this crate reads, as written (all optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawGenerationConfig {
+    pub max_length: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+    pub min_length: Option<usize>,
+    pub num_beams: Option<usize>,
+    pub length_penalty: Option<f32>,
+    pub early_stopping: Option<EarlyStopping>,
+    pub no_repeat_ngram_size: Option<usize>,
+    pub decoder_start_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<OneOrMany>,
+    pub pad_token_id: Option<u32>,
+    pub do_sample: Option<bool>,
+    pub repetition_penalty: Option<f32>,
 }
 
 impl GenerationConfig {
-    /// Reads `generation_config.json` if present; fields it lacks come from `config.json` and
-    /// then from transformers' defaults, as `from_pretrained` does.
-    pub fn from_bundle(path: &Path, model: &ModelConfig) -> Result<Self> {
-        let raw: RawGenerationConfig = if path.is_file() {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
-            serde_json::from_str(&text).map_err(|e| Error::bundle(path, format!("not a valid generation config: {e}")))?
-        } else {
-            tracing::info!(path = %path.display(), "no generation_config.json: using config.json and transformers' defaults");
-            RawGenerationConfig::default()
-        };
+    /// The settings of a `generation_config.json` (`raw`; all `None` when the file is absent)
+    /// with the model's special tokens (resolved once, see [`crate::assets::SpecialTokens`]) and
+    /// transformers' defaults for the rest: max_length 20, greedy, length_penalty 1,
+    /// early_stopping false.
+    pub fn from_raw(raw: &RawGenerationConfig, special: &SpecialTokens) -> std::result::Result<Self, String> {
         if raw.do_sample == Some(true) {
             tracing::warn!("generation config asks for sampling; captions are decoded deterministically");
         }
         if raw.repetition_penalty.is_some_and(|p| p != 1.0) {
             tracing::warn!("repetition_penalty is not supported and is ignored");
         }
-        let dec = &model.decoder;
-        let decoder_start_token_id = raw
-            .decoder_start_token_id
-            .or(model.decoder_start_token_id)
-            .or(raw.bos_token_id)
-            .or(dec.bos_token_id)
-            .ok_or_else(|| Error::bundle(path, "no decoder_start_token_id (nor bos_token_id) in generation_config.json or config.json"))?;
-        let eos_token_ids = raw
-            .eos_token_id
-            .map(|e| e.to_vec())
-            .or(model.eos_token_id.map(|e| vec![e]))
-            .or(dec.eos_token_id.map(|e| vec![e]))
-            .ok_or_else(|| Error::bundle(path, "no eos_token_id in generation_config.json or config.json"))?;
-        let pad_token_id = raw.pad_token_id.or(model.pad_token_id).or(dec.pad_token_id).unwrap_or(eos_token_ids[0]);
         let max_length = match (raw.max_new_tokens, raw.max_length) {
             (Some(n), _) => n + 1,
             (None, Some(m)) => m,
@@ -148,12 +128,28 @@ impl GenerationConfig {
             length_penalty: raw.length_penalty.unwrap_or(1.0),
             early_stopping: raw.early_stopping.unwrap_or(EarlyStopping::Bool(false)),
             no_repeat_ngram_size: raw.no_repeat_ngram_size.unwrap_or(0),
-            decoder_start_token_id,
-            eos_token_ids,
-            pad_token_id,
+            decoder_start_token_id: special.decoder_start,
+            eos_token_ids: special.eos.clone(),
+            pad_token_id: special.pad,
         };
-        cfg.validate().map_err(|e| Error::bundle(path, e))?;
+        cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Plain greedy search up to `max_length` (decoder start included): what training's
+    /// evaluation runs.
+    pub fn greedy(special: &SpecialTokens, max_length: usize) -> Self {
+        GenerationConfig {
+            max_length,
+            min_length: 0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Bool(false),
+            no_repeat_ngram_size: 0,
+            decoder_start_token_id: special.decoder_start,
+            eos_token_ids: special.eos.clone(),
+            pad_token_id: special.pad,
+        }
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -170,6 +166,63 @@ impl GenerationConfig {
             return Err("length_penalty must be a finite number".into());
         }
         Ok(())
+    }
+}
+
+/// Generation settings given on a command line or in a config file; unset ones keep the
+/// bundle's `generation_config.json`. The one options struct for generation: every command
+/// and the daemon take it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationOverrides {
+    pub num_beams: Option<usize>,
+    pub max_length: Option<usize>,
+    pub min_length: Option<usize>,
+    pub no_repeat_ngram_size: Option<usize>,
+    pub length_penalty: Option<f32>,
+    /// `true`, `false` or `never`.
+    pub early_stopping: Option<String>,
+}
+
+impl GenerationOverrides {
+    /// `base` with every set field replaced. Errors: an unknown `early_stopping` word, or a
+    /// result that fails [`GenerationConfig::validate`].
+    pub fn apply(&self, base: &GenerationConfig) -> Result<GenerationConfig> {
+        let mut g = base.clone();
+        if let Some(v) = self.num_beams {
+            g.num_beams = v;
+        }
+        if let Some(v) = self.max_length {
+            g.max_length = v;
+        }
+        if let Some(v) = self.min_length {
+            g.min_length = v;
+        }
+        if let Some(v) = self.no_repeat_ngram_size {
+            g.no_repeat_ngram_size = v;
+        }
+        if let Some(v) = self.length_penalty {
+            g.length_penalty = v;
+        }
+        if let Some(v) = &self.early_stopping {
+            g.early_stopping = EarlyStopping::parse(v)
+                .ok_or_else(|| Error::setting("early_stopping", format!("`{v}`: use true, false or never")))?;
+        }
+        g.validate().map_err(|e| Error::setting("generation", e))?;
+        Ok(g)
+    }
+
+    /// Field by field: this one's value where set, else `fallback`'s (command-line flags over a
+    /// config file's `[model.generation]`).
+    pub fn or(&self, fallback: &GenerationOverrides) -> GenerationOverrides {
+        GenerationOverrides {
+            num_beams: self.num_beams.or(fallback.num_beams),
+            max_length: self.max_length.or(fallback.max_length),
+            min_length: self.min_length.or(fallback.min_length),
+            no_repeat_ngram_size: self.no_repeat_ngram_size.or(fallback.no_repeat_ngram_size),
+            length_penalty: self.length_penalty.or(fallback.length_penalty),
+            early_stopping: self.early_stopping.clone().or_else(|| fallback.early_stopping.clone()),
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 use crate::bundle::Precision;
-use crate::caption::GenerationOverrides;
+use crate::generate::GenerationOverrides;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -366,12 +366,7 @@ fn custom<E: serde::de::Error>(msg: impl std::fmt::Display) -> E {
 }
 
 fn precision<'de, D: Deserializer<'de>>(d: D) -> Result<Precision, D::Error> {
-    match String::deserialize(d)?.as_str() {
-        "auto" => Ok(Precision::Auto),
-        "fp32" => Ok(Precision::Fp32),
-        "int8" => Ok(Precision::Int8),
-        other => Err(custom(format!("`{other}`: use auto, fp32 or int8"))),
-    }
+    String::deserialize(d)?.parse().map_err(custom)
 }
 fn positive_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let v = u64::deserialize(d)?;

@@ -76,7 +76,7 @@ impl PreprocessConfig {
         if self.image_mean.len() != 3 || self.image_std.len() != 3 {
             return Err("image_mean and image_std need 3 values (R, G, B)".into());
         }
-        if self.image_std.iter().any(|s| *s == 0.0) {
+        if self.image_std.contains(&0.0) {
             return Err("image_std has a zero".into());
         }
         if self.size.height == 0 || self.size.width == 0 {
@@ -121,32 +121,105 @@ impl PreprocessConfig {
     }
 }
 
-/// Reads an image file as transformers' `load_image` does: EXIF orientation applied, then
-/// converted to 8-bit RGB.
-pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::image(path, format!("cannot read: {e}")))?;
-    decode_image(&bytes).map_err(|msg| Error::image(path, msg))
+/// Limits checked against an image's header before any large allocation, so that a small file
+/// declaring a huge image (a "decompression bomb") is refused instead of exhausting memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeLimits {
+    /// Most pixels (width × height) an image may have. Default 89,478,485: PIL's
+    /// `Image.MAX_IMAGE_PIXELS` (its decompression-bomb warning threshold), i.e. 268 MB as 8-bit RGB.
+    pub max_pixels: u64,
+    /// Most bytes the decoder may allocate for one image (its own output format, e.g. 16-bit
+    /// RGBA). Default 512 MiB (the `image` crate's default), which fits a 1–2 GB board.
+    pub max_alloc_bytes: u64,
 }
 
-/// Decodes an encoded image (JPEG, PNG, WebP, BMP, TIFF, GIF) from memory.
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits { max_pixels: 89_478_485, max_alloc_bytes: 512 << 20 }
+    }
+}
+
+impl DecodeLimits {
+    /// Errors (one line) when a `width` × `height` image of `bytes_per_pixel` is over a limit.
+    fn check(&self, width: u32, height: u32, bytes_per_pixel: u64) -> std::result::Result<(), String> {
+        let pixels = width as u64 * height as u64;
+        if pixels > self.max_pixels {
+            return Err(format!(
+                "too large ({width}×{height} pixels, limit {} pixels): refused before decoding (raise the image pixel limit if this image is genuine)",
+                self.max_pixels
+            ));
+        }
+        // The decoder's own buffer, then the 8-bit RGB copy.
+        let bytes = pixels * bytes_per_pixel.max(3);
+        if bytes > self.max_alloc_bytes {
+            return Err(format!(
+                "too large to decode ({width}×{height} pixels need {} MiB, limit {} MiB)",
+                bytes >> 20,
+                self.max_alloc_bytes >> 20
+            ));
+        }
+        Ok(())
+    }
+
+    fn for_image_crate(&self) -> image::Limits {
+        let mut l = image::Limits::default();
+        l.max_alloc = Some(self.max_alloc_bytes);
+        l
+    }
+}
+
+/// [`load_image_limited`] with the default [`DecodeLimits`].
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    load_image_limited(path, &DecodeLimits::default())
+}
+
+/// Reads an image file as transformers' `load_image` does: EXIF orientation applied, then
+/// converted to 8-bit RGB. Errors: [`Error::Image`] naming the file (unreadable, not an image,
+/// truncated, corrupt, over `limits`).
+pub fn load_image_limited(path: &Path, limits: &DecodeLimits) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::image(path, format!("cannot read: {e}")))?;
+    decode_image_limited(&bytes, limits).map_err(|msg| Error::image(path, msg))
+}
+
+/// [`decode_image_limited`] with the default [`DecodeLimits`].
 pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    decode_image_limited(bytes, &DecodeLimits::default())
+}
+
+/// Decodes an encoded image (JPEG, PNG, WebP, BMP, TIFF, GIF) from memory, as PIL does: a JPEG
+/// stops at its end-of-image marker (data after it, e.g. a motion photo's video, is ignored) and
+/// is "truncated" only when its data ends before that marker. The header is checked against
+/// `limits` before anything large is allocated.
+pub fn decode_image_limited(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<RgbImage, String> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("cannot read: {e}"))?;
-    match reader.format() {
+    let is_jpeg = match reader.format() {
         None => return Err("not a supported image (JPEG, PNG, WebP, BMP, TIFF or GIF)".into()),
-        // The JPEG decoder fills a cut-off scan with grey; PIL refuses such files ("image
-        // file is truncated"), and so do we: a half-written frame must not be captioned.
-        Some(image::ImageFormat::Jpeg) if !jpeg_has_end_marker(bytes) => {
-            return Err("truncated JPEG (no end-of-image marker): the file is incomplete or still being written".into())
+        Some(f) => f == image::ImageFormat::Jpeg,
+    };
+    // The JPEG decoder fills a cut-off scan with grey; PIL refuses such files ("image file is
+    // truncated"), and so do we: a half-written frame must not be captioned.
+    let bytes = if is_jpeg {
+        match jpeg_end(bytes) {
+            Some(end) => &bytes[..end],
+            None => return Err("truncated JPEG (its data ends before the end-of-image marker): the file is incomplete or still being written".into()),
         }
-        Some(_) => {}
-    }
-    let is_jpeg = reader.format() == Some(image::ImageFormat::Jpeg);
-    let mut decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
+    } else {
+        bytes
+    };
+    let mut decoder = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?
+        .into_decoder()
+        .map_err(|e| format!("cannot decode: {e}"))?;
+    let (w, h) = decoder.dimensions();
+    limits.check(w, h, decoder.color_type().bytes_per_pixel() as u64)?;
+    decoder.set_limits(limits.for_image_crate()).map_err(|e| format!("cannot decode: {e}"))?;
     // A broken EXIF block must not lose the picture: PIL ignores it too.
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = match is_jpeg.then(|| decode_jpeg(bytes)).flatten() {
+    let mut img = match is_jpeg.then(|| decode_jpeg(bytes, limits)).flatten() {
         Some(jpeg) => DynamicImage::ImageRgb8(jpeg?),
         None => DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode (corrupt or truncated?): {e}"))?,
     };
@@ -157,23 +230,27 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
 /// Decodes a JPEG with libjpeg-turbo's decoder (mozjpeg), as PIL does: same integer IDCT and
 /// "fancy" chroma upsampling, hence the same pixels (other JPEG decoders differ by a few
 /// levels). `None` for colour spaces libjpeg cannot turn into RGB (CMYK), left to `image`.
-fn decode_jpeg(bytes: &[u8]) -> Option<std::result::Result<RgbImage, String>> {
+fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Option<std::result::Result<RgbImage, String>> {
     use mozjpeg::ColorSpace;
     // libjpeg reports errors by unwinding (without the panic hook); catch them here.
-    let res = std::panic::catch_unwind(|| -> std::io::Result<Option<RgbImage>> {
+    let res = std::panic::catch_unwind(|| -> std::io::Result<std::result::Result<Option<RgbImage>, String>> {
         let d = mozjpeg::Decompress::new_mem(bytes)?;
         if matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK) {
-            return Ok(None);
+            return Ok(Ok(None));
+        }
+        if let Err(e) = limits.check(d.width() as u32, d.height() as u32, 3) {
+            return Ok(Err(e));
         }
         let mut started = d.rgb()?;
         let (w, h) = (started.width() as u32, started.height() as u32);
         let data: Vec<u8> = started.read_scanlines()?;
         started.finish()?;
-        Ok(RgbImage::from_raw(w, h, data))
+        Ok(Ok(RgbImage::from_raw(w, h, data)))
     });
     match res {
-        Ok(Ok(Some(img))) => Some(Ok(img)),
-        Ok(Ok(None)) => None,
+        Ok(Ok(Ok(Some(img)))) => Some(Ok(img)),
+        Ok(Ok(Ok(None))) => None,
+        Ok(Ok(Err(e))) => Some(Err(e)),
         Ok(Err(e)) => Some(Err(format!("cannot decode JPEG: {e}"))),
         Err(panic) => {
             let msg = panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "corrupt data".into());
@@ -182,10 +259,53 @@ fn decode_jpeg(bytes: &[u8]) -> Option<std::result::Result<RgbImage, String>> {
     }
 }
 
-/// A complete JPEG ends with the EOI marker (FF D9), possibly followed by padding.
-fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
-    let end = bytes.iter().rposition(|&b| b != 0 && b != b'\n' && b != b'\r').map_or(0, |i| i + 1);
-    end >= 2 && bytes[end - 2] == 0xFF && bytes[end - 1] == 0xD9
+/// Where a JPEG's data ends: one past its end-of-image marker (FF D9), found by walking the
+/// segments (each header segment carries its length; entropy-coded scan data runs until a
+/// marker other than byte stuffing FF 00 and the restart markers FF D0–D7). `None` when the
+/// data ends before the marker: the file is truncated. Embedded thumbnails (inside APP
+/// segments) and anything after the marker (a motion photo's video, padding) are skipped.
+fn jpeg_end(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
+        return None;
+    }
+    let mut i = 2;
+    loop {
+        // Markers may be preceded by fill bytes FF.
+        while *bytes.get(i)? == 0xFF && *bytes.get(i + 1)? == 0xFF {
+            i += 1;
+        }
+        if bytes[i] != 0xFF {
+            return None;
+        }
+        let marker = *bytes.get(i + 1)?;
+        i += 2;
+        match marker {
+            0xD9 => return Some(i),
+            // Standalone markers: no length.
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let len = u16::from_be_bytes([*bytes.get(i)?, *bytes.get(i + 1)?]) as usize;
+        if len < 2 {
+            return None;
+        }
+        i += len;
+        if marker == 0xDA {
+            // Entropy-coded data: up to the next marker that is not stuffing or a restart.
+            loop {
+                let b = *bytes.get(i)?;
+                if b == 0xFF {
+                    let next = *bytes.get(i + 1)?;
+                    if next == 0x00 || (0xD0..=0xD7).contains(&next) || next == 0xFF {
+                        i += if next == 0xFF { 1 } else { 2 };
+                        continue;
+                    }
+                    break;
+                }
+                i += 1;
+            }
+        }
+    }
 }
 
 /// PIL's `convert("RGB")` as it applies to what PIL's decoders produce: alpha is dropped (not

@@ -23,9 +23,10 @@ pub struct CaptionTokenizer {
 }
 
 impl CaptionTokenizer {
-    /// Loads `tokenizer.json` from `dir`, or else `vocab.json` + `merges.txt`.
-    /// `extra_special` are ids the model config names (bos, eos, pad, decoder start).
-    pub fn from_dir(dir: &Path, extra_special: &[u32]) -> Result<Self> {
+    /// Loads `tokenizer.json` from `dir`, or else `vocab.json` + `merges.txt`; the special tokens
+    /// are the tokenizer's own (`tokenizer_config.json`'s bos/eos/pad/unk, else the French GPT-2's
+    /// `<s>`, `<pad>`, `</s>`, `<unk>`).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let (mut inner, source) = if json.is_file() {
             let t = Tokenizer::from_file(&json).map_err(|e| Error::bundle(&json, format!("not a valid tokenizer.json: {e}")))?;
@@ -52,8 +53,11 @@ impl CaptionTokenizer {
             .map(|n| AddedToken::from(n.clone(), true))
             .collect();
         let _ = inner.add_special_tokens(added);
+        // Only the tokenizer's special tokens are skipped when decoding, as transformers'
+        // `decode(ids, skip_special_tokens=True)`: a generation stop id that is an ordinary token
+        // (e.g. a full stop listed in eos_token_id) keeps its text.
         let mut special_ids: HashSet<u32> = names.iter().filter_map(|n| inner.token_to_id(n)).collect();
-        special_ids.extend(extra_special.iter().copied());
+        special_ids.extend(inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id));
         let clean_up_spaces = tokenizer_config
             .as_ref()
             .and_then(|c| c.get("clean_up_tokenization_spaces"))

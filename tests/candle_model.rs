@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use vitgpt2::generate::GenerationConfig;
-use vitgpt2::model::{caption_loss, shift_tokens_right, HostCaptioner, VisionEncoderDecoder};
+use vitgpt2::assets::SpecialTokens;
+use vitgpt2::model::{caption_loss, open_checkpoint, shift_tokens_right, VisionEncoderDecoder};
 
 const LOGITS_TOL: f32 = 1e-4;
 
@@ -40,6 +41,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 fn max_abs(a: &Tensor) -> f32 {
     a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// The model's special tokens as every command resolves them (no generation_config.json here).
+fn special(model: &VisionEncoderDecoder) -> SpecialTokens {
+    SpecialTokens::resolve(&model.config, &Default::default()).unwrap()
 }
 
 fn labels(r: &HashMap<String, Tensor>) -> Vec<Vec<i64>> {
@@ -132,7 +138,7 @@ const GRAD_FLOOR: f32 = 1e-2;
 fn loss_and_gradients_match_transformers() {
     let r = reference();
     let model = ved();
-    let (loss, _) = model.loss(&r["pixel_values"], &labels(&r), false).unwrap();
+    let (loss, _) = model.loss(&r["pixel_values"], &labels(&r), &special(&model), false, false).unwrap();
     let loss_c = loss.to_scalar::<f32>().unwrap();
     let loss_t = r["loss"].to_scalar::<f32>().unwrap();
     eprintln!("loss: candle {loss_c:.7} transformers {loss_t:.7}");
@@ -171,7 +177,7 @@ fn one_adamw_step_changes_every_parameter() {
     let before: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
     let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: 1e-3, ..Default::default() }).unwrap();
     // Training mode: dropout on (the fixture's configs have 0.1 everywhere).
-    let (loss, _) = model.loss(&r["pixel_values"], &labels(&r), true).unwrap();
+    let (loss, _) = model.loss(&r["pixel_values"], &labels(&r), &special(&model), true, false).unwrap();
     let grads = loss.backward().unwrap();
     // A op without a backward pass would cut every parameter below it out of the gradient store.
     let no_grad: Vec<&&String> = names.iter().zip(&vars).filter(|(_, v)| grads.get(v.as_tensor()).is_none()).map(|(n, _)| n).collect();
@@ -302,7 +308,7 @@ fn save_reload_roundtrip() {
     .into();
     candle_core::safetensors::save(&record, out.join("candle_logits.safetensors")).unwrap();
     // And the saved folder is a complete checkpoint for `caption`.
-    HostCaptioner::load(&out, &Device::Cpu).unwrap();
+    open_checkpoint(&out, &Device::Cpu).unwrap();
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -387,8 +393,8 @@ fn bad_checkpoints_are_refused_with_a_clear_message() {
 fn host_captions_match_transformers_generate() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("reference.json")).unwrap()).unwrap();
-    let captioner = HostCaptioner::load(&root.join("tiny-vit-gpt2"), &Device::Cpu).unwrap();
-    let base = vitgpt2::cli::CaptionFiles::generation_config(&captioner).clone();
+    let captioner = open_checkpoint(&root.join("tiny-vit-gpt2"), &Device::Cpu).unwrap();
+    let base = captioner.generation_config().clone();
     let mut compared = 0;
     for image in reference["images"].as_array().unwrap() {
         let path = root.join("images").join(image["file"].as_str().unwrap());
@@ -400,7 +406,7 @@ fn host_captions_match_transformers_generate() {
             }
             let overrides: vitgpt2::GenerationOverrides = serde_json::from_value(case_json).unwrap();
             let gen: GenerationConfig = overrides.apply(&base).unwrap();
-            let got = vitgpt2::cli::CaptionFiles::caption_path(&captioner, &path, &gen).unwrap();
+            let got = captioner.caption_file(&path, &gen).unwrap();
             let want_tokens: Vec<u32> = serde_json::from_value(want["tokens"].clone()).unwrap();
             assert_eq!(got.tokens, want_tokens, "{} {case}", image["file"]);
             assert_eq!(got.caption, want["text"].as_str().unwrap(), "{} {case}", image["file"]);
@@ -458,4 +464,36 @@ fn host_init_cli_builds_a_checkpoint_from_parts() {
         .output()
         .unwrap();
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+}
+
+/// A checkpoint whose only start token is `decoder.bos_token_id` (no top-level
+/// decoder_start_token_id, no generation_config.json): captioning, the assets every command opens
+/// and the training loss all start decoding from it.
+#[test]
+fn decoder_bos_alone_is_the_start_everywhere() {
+    use vitgpt2::assets::{ModelAssets, Origin};
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("ved"), dir.path());
+    std::fs::remove_file(dir.path().join("generation_config.json")).unwrap();
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("decoder_start_token_id");
+    cfg["decoder"]["bos_token_id"] = 5.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+
+    let cap = open_checkpoint(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(cap.generation_config().decoder_start_token_id, 5, "generation");
+    let assets = ModelAssets::open(dir.path(), Origin::Checkpoint).unwrap();
+    assert_eq!(assets.special.decoder_start, 5, "assets");
+    // Training: the loss's decoder inputs are the labels shifted right after token 5.
+    let r = reference();
+    let (model, _) = VisionEncoderDecoder::from_checkpoint(dir.path(), &Device::Cpu).unwrap();
+    let labels = labels(&r);
+    let (loss, _) = model.loss(&r["pixel_values"], &labels, &assets.special, false, false).unwrap();
+    let inputs = shift_tokens_right(&labels, 5, assets.special.pad).unwrap();
+    assert!(inputs.iter().all(|row| row[0] == 5));
+    let ids = Tensor::new(inputs, &Device::Cpu).unwrap();
+    let logits = model.forward(&r["pixel_values"], &ids, false).unwrap();
+    let want = caption_loss(&logits, &Tensor::new(labels, &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(loss.to_scalar::<f32>().unwrap(), want.to_scalar::<f32>().unwrap());
 }

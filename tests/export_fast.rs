@@ -7,11 +7,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use vitgpt2::bundle::{GraphFiles, Precision};
+use vitgpt2::bundle::Precision;
 use vitgpt2::export::{export_bundle, ExportOptions, Layout};
 use vitgpt2::generate::DecoderSession;
-use vitgpt2::model::{HostCaptioner, VisionEncoderDecoder};
-use vitgpt2::{Captioner, GenerationOverrides, LoadOptions};
+use vitgpt2::model::{open_checkpoint, VisionEncoderDecoder};
+use vitgpt2::runtime::{self, LoadOptions};
+use vitgpt2::{Captioner, GenerationOverrides};
 
 const LOGITS_TOL: f32 = 1e-4;
 const IMAGES: [&str; 4] = ["street.jpg", "garden_444.jpg", "gray.png", "wide.webp"];
@@ -36,14 +37,14 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 /// Steps tract and candle side by side along candle's greedy path; returns the worst logit difference.
-fn greedy_logits_diff(cap: &Captioner, host: &HostCaptioner, image: &Path) -> (f32, usize) {
+fn greedy_logits_diff(cap: &Captioner, host: &VisionEncoderDecoder, image: &Path) -> (f32, usize) {
     let img = vitgpt2::preprocess::load_image(image).unwrap();
     let pixels = cap.pixel_values(&img);
     let shape = pixels.shape().to_vec();
     let pt = Tensor::from_vec(pixels.iter().copied().collect::<Vec<f32>>(), shape, &Device::Cpu).unwrap();
-    let enc = host.model().encode(&pt, false).unwrap();
-    let mut hs = host.model().session(&enc, 1).unwrap();
-    let encoding = cap.runtime().encode(pixels).unwrap();
+    let enc = host.encode(&pt, false).unwrap();
+    let mut hs = host.session(&enc, 1).unwrap();
+    let encoding = cap.engine().encode(pixels).unwrap();
     let mut ts = encoding.session(1).unwrap();
     let gen = cap.generation_config();
     let mut tok = gen.decoder_start_token_id;
@@ -66,15 +67,15 @@ fn greedy_logits_diff(cap: &Captioner, host: &HostCaptioner, image: &Path) -> (f
 
 fn check_checkpoint(ckpt: &Path, layout: Layout) {
     let dir = export(ckpt, layout, true);
-    let cap = Captioner::load(dir.path(), &LoadOptions { precision: Precision::Fp32, threads: 1 }).expect("load fp32 bundle");
-    match layout {
-        Layout::Optimum => assert!(matches!(cap.bundle().graphs, GraphFiles::Optimum { quantized: false, .. })),
-        _ => assert!(matches!(cap.bundle().graphs, GraphFiles::Fast { quantized: false, .. }), "{:?}", cap.bundle().graphs),
-    }
-    let host = HostCaptioner::load(ckpt, &Device::Cpu).unwrap();
+    let cap = runtime::open(dir.path(), &LoadOptions { precision: Precision::Fp32, threads: 1 }).expect("load fp32 bundle");
+    let layout_name = if layout == Layout::Optimum { "optimum layout" } else { "fast layout" };
+    assert!(cap.engine().describe().starts_with(layout_name), "{}", cap.engine().describe());
+    assert_eq!(cap.engine().dtype(), "fp32");
+    let host = open_checkpoint(ckpt, &Device::Cpu).unwrap();
+    let (host_model, _) = VisionEncoderDecoder::from_checkpoint(ckpt, &Device::Cpu).unwrap();
     for name in IMAGES {
         let path = root().join("tests/fixtures/images").join(name);
-        let (d, steps) = greedy_logits_diff(&cap, &host, &path);
+        let (d, steps) = greedy_logits_diff(&cap, &host_model, &path);
         eprintln!("{layout:?} {}: {name}: {steps} greedy steps, max |tract - candle| logits = {d:.2e}", ckpt.display());
         assert!(d <= LOGITS_TOL, "{name}: {d}");
         let img = vitgpt2::preprocess::load_image(&path).unwrap();
@@ -86,8 +87,8 @@ fn check_checkpoint(ckpt: &Path, layout: Layout) {
         }
     }
     // int8: chosen by default (Auto), runs, and mostly agrees with fp32.
-    let q = Captioner::load(dir.path(), &LoadOptions::default()).expect("load int8 bundle");
-    assert!(q.bundle().graphs.quantized());
+    let q = runtime::open(dir.path(), &LoadOptions::default()).expect("load int8 bundle");
+    assert_eq!(q.engine().dtype(), "int8");
     let mut same = 0;
     for name in IMAGES {
         let img = vitgpt2::preprocess::load_image(&root().join("tests/fixtures/images").join(name)).unwrap();
@@ -123,7 +124,7 @@ fn optimum_layout_matches_candle() {
 #[test]
 fn bench_reports_every_figure() {
     let dir = export(&root().join("tests/fixtures/tiny-vit-gpt2"), Layout::Fast, true);
-    let args = vitgpt2::bench::BenchArgs {
+    let args = vitgpt2::bench::BenchOptions {
         model: dir.path().to_path_buf(),
         threads: vec![1, 2],
         precision: Precision::Int8,
@@ -131,9 +132,7 @@ fn bench_reports_every_figure() {
         past: vec![1, 8],
         tokens: 8,
         json: true,
-        profile: false,
-        by_node: false,
-        top: 15,
+        profile: None,
     };
     let r = vitgpt2::bench::bench(&args).unwrap();
     assert!(r.quantized);
@@ -143,7 +142,7 @@ fn bench_reports_every_figure() {
         assert_eq!(t.token_ms.len(), 2);
         assert!(t.peak_rss_mib > 0.0);
     }
-    vitgpt2::bench::profile(&args).unwrap();
+    vitgpt2::bench::profile(&args, vitgpt2::bench::ProfileOptions { by_node: false, top: 15 }).unwrap();
 }
 
 /// The exported graphs in onnxruntime (what Optimum/transformers.js users run) give tract's
@@ -167,14 +166,14 @@ fn onnxruntime_agrees_with_tract() {
     let img = vitgpt2::preprocess::load_image(&root().join("tests/fixtures/images/street.jpg")).unwrap();
     let mut report = serde_json::Map::new();
     for (form, precision) in [("fp32", Precision::Fp32), ("int8", Precision::Int8)] {
-        let cap = Captioner::load(dir.path(), &LoadOptions { precision, threads: 1 }).expect("load bundle");
-        assert!(matches!(cap.bundle().graphs, GraphFiles::Fast { .. }));
+        let cap = runtime::open(dir.path(), &LoadOptions { precision, threads: 1 }).expect("load bundle");
+        assert!(cap.engine().describe().starts_with("fast layout"));
         let pixels = cap.pixel_values(&img);
         if form == "fp32" {
             report.insert("pixel_shape".into(), serde_json::json!(pixels.shape()));
             report.insert("pixel_values".into(), serde_json::json!(pixels.iter().copied().collect::<Vec<f32>>()));
         }
-        let encoding = cap.runtime().encode(pixels).unwrap();
+        let encoding = cap.engine().encode(pixels).unwrap();
         let rows = 3;
         let mut session = encoding.session(rows).unwrap();
         let start = cap.generation_config().decoder_start_token_id;

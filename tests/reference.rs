@@ -9,10 +9,11 @@ use common::{fixtures, reference, Reference};
 use vitgpt2::bundle::Precision;
 use vitgpt2::generate::generate;
 use vitgpt2::preprocess::{load_image, resize_bilinear};
-use vitgpt2::{Captioner, GenerationOverrides, LoadOptions};
+use vitgpt2::runtime::{self, LoadOptions};
+use vitgpt2::{Captioner, GenerationOverrides};
 
 fn captioner(precision: Precision) -> Captioner {
-    Captioner::load(&fixtures().join("tiny-vit-gpt2"), &LoadOptions { precision, threads: 1 }).expect("fixture bundle loads")
+    runtime::open(&fixtures().join("tiny-vit-gpt2"), &LoadOptions { precision, threads: 1 }).expect("fixture bundle loads")
 }
 
 #[test]
@@ -51,7 +52,7 @@ fn first_step_logits_within_1e4() {
     for img in &r.images {
         // The reference's own pixel values, so that only the graphs are compared.
         let pv = ndarray::Array4::from_shape_vec((1, 3, 32, 32), img.pixel_values.clone()).unwrap();
-        let enc = c.runtime().encode(pv).unwrap();
+        let enc = c.engine().encode(pv).unwrap();
         let mut sess = enc.session(1).unwrap();
         let logits = sess.step(&[0]).unwrap();
         let max = logits.iter().zip(&img.first_step_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -103,12 +104,12 @@ fn greedy_and_beam_tokens_identical_to_transformers() {
 fn int8_graphs_run_and_agree_with_onnxruntime() {
     let r = reference();
     let c = captioner(Precision::Int8);
-    assert!(c.bundle().graphs.quantized());
+    assert_eq!(c.engine().dtype(), "int8");
     let gen = GenerationOverrides { num_beams: Some(1), ..Default::default() }.apply(c.generation_config()).unwrap();
     let mut equal = 0;
     for img in &r.images {
         let pv = ndarray::Array4::from_shape_vec((1, 3, 32, 32), img.pixel_values.clone()).unwrap();
-        let enc = c.runtime().encode(pv).unwrap();
+        let enc = c.engine().encode(pv).unwrap();
         let out = generate(&gen, |rows| enc.session(rows)).unwrap();
         if out.tokens == img.ort_int8_greedy {
             equal += 1;
@@ -122,7 +123,7 @@ fn int8_graphs_run_and_agree_with_onnxruntime() {
 #[test]
 fn vocab_json_and_merges_txt_tokenizer_decodes_the_same() {
     let r = reference();
-    let c = Captioner::load(&fixtures().join("tiny-vit-gpt2-vocab-merges"), &LoadOptions::default()).unwrap();
+    let c = runtime::open(&fixtures().join("tiny-vit-gpt2-vocab-merges"), &LoadOptions::default()).unwrap();
     for img in r.images.iter().take(4) {
         let gen = c.generation_config().clone();
         let got = c.caption_file(&fixtures().join("images").join(&img.file), &gen).unwrap();

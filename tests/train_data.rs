@@ -159,7 +159,7 @@ fn synthetic_set_is_deterministic_and_tokenizer_round_trips() {
     let caps: Vec<String> = set.samples.iter().map(|s| s.caption.clone()).collect();
     let tok_dir = dir.path().join("tok");
     vitgpt2::train::tokenizer::train_bpe(&caps, 320, &tok_dir).unwrap();
-    let tok = CaptionTokenizer::from_dir(&tok_dir, &[]).unwrap();
+    let tok = CaptionTokenizer::from_dir(&tok_dir).unwrap();
     for (i, t) in ["<s>", "<pad>", "</s>", "<unk>"].iter().enumerate() {
         assert_eq!(tok.token_to_id(t), Some(i as u32));
     }

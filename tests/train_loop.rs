@@ -9,15 +9,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use clap::Parser;
 use vitgpt2::config::ModelConfig;
 use vitgpt2::model::VisionEncoderDecoder;
-use vitgpt2::train::trainer::{latest_checkpoint, train, TrainArgs};
+use vitgpt2::train::options::{ComputeDtype, Decay, Preset, TrainOptions};
+use vitgpt2::train::run_dir::RunDir;
+use vitgpt2::train::trainer::train;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: TrainArgs,
+fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    RunDir::new(out).latest_checkpoint()
 }
 
 fn synth(dir: &Path) -> PathBuf {
@@ -62,8 +61,28 @@ fn base_args(captions: &Path, out: &Path, steps: u64) -> Vec<String> {
     ]
 }
 
-fn parse(v: &[String]) -> TrainArgs {
-    Cli::parse_from(v).args
+/// The library's options for `base_args` (what the binary's flags map onto).
+fn base_options(captions: &Path, out: &Path, steps: u64) -> TrainOptions {
+    let mut o = TrainOptions::new(captions.to_path_buf(), out.to_path_buf());
+    o.val_fraction = 0.25;
+    o.init_preset = Some(Preset::Tiny);
+    o.bpe_vocab = Some(300);
+    o.batch_size = 8;
+    o.micro_batch = 4;
+    o.steps = Some(steps);
+    o.lr = 2e-3;
+    o.warmup_steps = 2;
+    o.decay = Decay::Cosine;
+    o.eval_images = 2;
+    o.eval_batches = 1;
+    o.workers = 1;
+    o.quiet = true;
+    o
+}
+
+/// `base_options` saving a checkpoint every `save_every` steps (0: only at the end).
+fn options(captions: &Path, out: &Path, steps: u64, save_every: u64) -> TrainOptions {
+    TrainOptions { save_every, ..base_options(captions, out, steps) }
 }
 
 fn with(mut v: Vec<String>, extra: &[&str]) -> Vec<String> {
@@ -80,7 +99,7 @@ fn loss_goes_down_and_frozen_encoder_stays() {
     let dir = tempfile::tempdir().unwrap();
     let caps = synth(dir.path());
     let out = dir.path().join("run");
-    let s = train(&parse(&with(base_args(&caps, &out, 10), &["--save-every", "0"]))).unwrap();
+    let s = train(&options(&caps, &out, 10, 0)).unwrap();
     let (a, b) = (s.first_loss.unwrap(), s.last_loss.unwrap());
     eprintln!("loss {a:.3} -> {b:.3}");
     assert!(b < a - 0.5, "loss {a} -> {b}");
@@ -91,16 +110,16 @@ fn loss_goes_down_and_frozen_encoder_stays() {
     assert!(s.final_eval.is_some());
 
     // The trained checkpoint loads in the product's host captioner.
-    let cap = vitgpt2::model::HostCaptioner::load(&out.join("model"), &Device::Cpu).unwrap();
+    let cap = vitgpt2::model::open_checkpoint(&out.join("model"), &Device::Cpu).unwrap();
     let img = vitgpt2::preprocess::load_image(&dir.path().join("synth/images/000000000001.png")).unwrap();
-    let gen = vitgpt2::cli::CaptionFiles::generation_config(&cap).clone();
+    let gen = cap.generation_config().clone();
     cap.caption_image(&img, &gen).unwrap();
 
     // Frozen encoder: the ViT keeps its (seeded) initial weights, the decoder moves. The preset's
     // input side and patch are overridden, and its position embeddings start (and, frozen, stay)
     // the 2-D sine-cosine table.
     let out2 = dir.path().join("frozen");
-    train(&parse(&with(base_args(&caps, &out2, 2), &["--save-every", "0", "--freeze-encoder", "--image-size", "32", "--patch-size", "8"]))).unwrap();
+    train(&TrainOptions { freeze_encoder: true, image_size: Some(32), patch_size: Some(8), ..options(&caps, &out2, 2, 0) }).unwrap();
     let cfg = ModelConfig::from_file(&out2.join("model/config.json")).unwrap();
     assert_eq!((cfg.encoder.image_size, cfg.encoder.patch_size), (32, 8));
     let init = VisionEncoderDecoder::random_init(&cfg, 42, &Device::Cpu).unwrap();
@@ -123,19 +142,19 @@ fn stopped_then_resumed_run_matches_the_uninterrupted_run() {
     let caps = synth(dir.path());
     let a = dir.path().join("a");
     let b = dir.path().join("b");
-    train(&parse(&with(base_args(&caps, &a, 6), &["--save-every", "2"]))).unwrap();
+    train(&options(&caps, &a, 6, 2)).unwrap();
     // Stop after 3 steps (a checkpoint is written there), then resume to the end.
-    let s = train(&parse(&with(base_args(&caps, &b, 6), &["--save-every", "2", "--stop-after", "3"]))).unwrap();
+    let s = train(&TrainOptions { stop_after: Some(3), ..options(&caps, &b, 6, 2) }).unwrap();
     assert_eq!(s.steps, 3);
     assert!(!b.join("model").exists());
     assert!(latest_checkpoint(&b).unwrap().ends_with("step-0000003"));
     // Without --resume, an output folder with checkpoints is refused.
-    let err = train(&parse(&with(base_args(&caps, &b, 6), &["--save-every", "2"]))).unwrap_err().to_string();
+    let err = train(&options(&caps, &b, 6, 2)).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");
     // Resuming with other settings is refused.
-    let err = train(&parse(&with(base_args(&caps, &b, 7), &["--save-every", "2", "--resume"]))).unwrap_err().to_string();
+    let err = train(&TrainOptions { resume: true, ..options(&caps, &b, 7, 2) }).unwrap_err().to_string();
     assert!(err.contains("total_steps"), "{err}");
-    let s = train(&parse(&with(base_args(&caps, &b, 6), &["--save-every", "2", "--resume"]))).unwrap();
+    let s = train(&TrainOptions { resume: true, ..options(&caps, &b, 6, 2) }).unwrap();
     assert_eq!(s.steps, 6);
     assert!(weights(&a) == weights(&b), "resumed weights differ from the uninterrupted run");
     let opt = |o: &Path| std::fs::read(o.join("checkpoints/step-0000006/optimizer.safetensors")).unwrap();
@@ -194,14 +213,16 @@ fn killed_then_resumed_binary_matches_the_uninterrupted_run() {
 #[test]
 fn bf16_mixed_precision_matches_f32_and_trains() {
     use candle_core::{DType, Tensor};
-    use vitgpt2::train::trainer::{batch_loss, preset_config, Preset};
+    use vitgpt2::assets::SpecialTokens;
+    use vitgpt2::train::setup::preset_config;
     let cfg = preset_config(Preset::Tiny, 300);
+    let special = SpecialTokens::resolve(&cfg, &Default::default()).unwrap();
     let model = VisionEncoderDecoder::random_init(&cfg, 7, &Device::Cpu).unwrap();
     let px = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap();
     let labels = vec![vec![5i64, 17, 42, 2, -100], vec![9, 3, 2, -100, -100]];
-    let l32 = batch_loss(&model, px.clone(), &labels, true, false).unwrap();
+    let l32 = model.loss(&px, &labels, &special, true, false).unwrap().0;
     let view = model.compute_view(DType::BF16).unwrap();
-    let l16 = batch_loss(&view, px.to_dtype(DType::BF16).unwrap(), &labels, true, false).unwrap();
+    let l16 = view.loss(&px.to_dtype(DType::BF16).unwrap(), &labels, &special, true, false).unwrap().0;
     assert_eq!(l16.dtype(), DType::F32, "the loss is computed in f32");
     let (a, b) = (l32.to_scalar::<f32>().unwrap(), l16.to_scalar::<f32>().unwrap());
     // bf16 keeps 8 mantissa bits (relative step 2^-8 ≈ 0.4 %); the loss, reduced in f32, was
@@ -232,7 +253,7 @@ fn bf16_mixed_precision_matches_f32_and_trains() {
     let dir = tempfile::tempdir().unwrap();
     let caps = synth(dir.path());
     let out = dir.path().join("bf16");
-    let s = train(&parse(&with(base_args(&caps, &out, 10), &["--save-every", "0", "--dtype", "bf16"]))).unwrap();
+    let s = train(&TrainOptions { dtype: ComputeDtype::Bf16, ..options(&caps, &out, 10, 0) }).unwrap();
     let (a, b) = (s.first_loss.unwrap(), s.last_loss.unwrap());
     assert!(b < a - 0.5, "bf16 loss {a} -> {b}");
     let saved = candle_core::safetensors::load(out.join("model/model.safetensors"), &Device::Cpu).unwrap();

@@ -18,6 +18,7 @@ use tract_onnx::pb::ModelProto;
 
 use super::onnx::{Attr, Dim, GraphBuilder};
 use super::Weights;
+use crate::bundle::contract::tensor;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::Activation;
@@ -119,6 +120,7 @@ impl<'w> Net<'w> {
     /// key and value projections as one node and one wider product for runtimes that keep it
     /// fused. (tract's optimizer splits it back per part: neutral there, measured. The quantized
     /// input is shared either way, through `quantized`.)
+    #[allow(clippy::too_many_arguments)]
     pub fn linear_split(&mut self, x: &str, name: &str, w: &[f32], din: usize, dout: usize, b: &[f32], parts: usize) -> Vec<String> {
         let y = self.linear(x, name, w, din, dout, b);
         let sizes = self.g.shape_const(&vec![(dout / parts) as i64; parts]);
@@ -375,20 +377,20 @@ pub fn encoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> Result
     let mut net = Net::new("vitgpt2_encoder_fast", form, w);
     let e = &cfg.encoder;
     let side = e.image_size;
-    let pv = net.g.input("pixel_values", DataType::Float, &[1.into(), e.num_channels.into(), side.into(), side.into()]);
+    let pv = net.g.input(tensor::PIXEL_VALUES, DataType::Float, &[1.into(), e.num_channels.into(), side.into(), side.into()]);
     let last = vit(&mut net, cfg, &pv)?;
     let s = e.seq_len();
-    net.g.output(&last, "last_hidden_state", DataType::Float, &[1.into(), s.into(), e.hidden_size.into()]);
+    net.g.output(&last, tensor::LAST_HIDDEN_STATE, DataType::Float, &[1.into(), s.into(), e.hidden_size.into()]);
     let enc = project(&mut net, &last)?;
     let dd = &cfg.decoder;
     let (d, heads, hd) = (dd.n_embd, dd.n_head, dd.head_dim());
     for i in 0..dd.n_layer {
         let pre = format!("decoder.transformer.h.{i}.crossattention.c_attn");
-        for (j, kv) in ["key", "value"].into_iter().enumerate() {
+        for (j, kv) in tensor::KV.into_iter().enumerate() {
             let y = net.conv1d_cols(&enc, &pre, j * d..(j + 1) * d, 1.0, &format!(".{kv}"))?;
             let y = net.reshape(&y, &[1, s as i64, heads as i64, hd as i64]);
             let y = net.transpose(&y, &[0, 2, 1, 3]);
-            net.g.output(&y, &format!("cross.{i}.{kv}"), DataType::Float, &[1.into(), heads.into(), s.into(), hd.into()]);
+            net.g.output(&y, &tensor::cross(i, kv), DataType::Float, &[1.into(), heads.into(), s.into(), hd.into()]);
         }
     }
     Ok(net.g.finish("ViT encoder with every decoder layer's cross-attention keys/values (vitgpt2 fast layout)", &meta(form)))
@@ -411,18 +413,18 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
     let (d, heads, hd, vocab) = (dd.n_embd, dd.n_head, dd.head_dim(), dd.vocab_size);
     let s = cfg.encoder.seq_len();
     let b = Dim::Sym("B");
-    let ids = net.g.input("input_ids", DataType::Int64, &[b.clone(), 1.into()]);
-    let pos = net.g.input("position_ids", DataType::Int64, &[b.clone(), 1.into()]);
+    let ids = net.g.input(tensor::INPUT_IDS, DataType::Int64, &[b.clone(), 1.into()]);
+    let pos = net.g.input(tensor::POSITION_IDS, DataType::Int64, &[b.clone(), 1.into()]);
     let mut past = Vec::new();
     for i in 0..dd.n_layer {
-        for kv in ["key", "value"] {
-            past.push(net.g.input(&format!("past.{i}.{kv}"), DataType::Float, &[b.clone(), heads.into(), Dim::Sym("P"), hd.into()]));
+        for kv in tensor::KV {
+            past.push(net.g.input(&tensor::past(i, kv), DataType::Float, &[b.clone(), heads.into(), Dim::Sym("P"), hd.into()]));
         }
     }
     let mut cross = Vec::new();
     for i in 0..dd.n_layer {
-        for kv in ["key", "value"] {
-            cross.push(net.g.input(&format!("cross.{i}.{kv}"), DataType::Float, &[1.into(), heads.into(), s.into(), hd.into()]));
+        for kv in tensor::KV {
+            cross.push(net.g.input(&tensor::cross(i, kv), DataType::Float, &[1.into(), heads.into(), s.into(), hd.into()]));
         }
     }
     // Token embedding: one stored tensor, also the LM head.
@@ -449,8 +451,7 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
         let q = net.reshape(&qkv[0], &split);
         let k = net.reshape(&qkv[1], &split);
         let v = net.reshape(&qkv[2], &split);
-        let pk = format!("present.{i}.key");
-        let pv = format!("present.{i}.value");
+        let [pk, pv] = tensor::KV.map(|kv| tensor::present(i, kv));
         net.g.node_to("Concat", &[&past[2 * i], &k], &pk, vec![("axis", Attr::Int(2))]);
         net.g.node_to("Concat", &[&past[2 * i + 1], &v], &pv, vec![("axis", Attr::Int(2))]);
         net.g.output(&pk, &pk, DataType::Float, &out_dims("P_plus_1"));
@@ -476,7 +477,7 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
         x = net.gpt2_mlp(&x, &l, eps, activation)?;
     }
     let logits = net.lm_head(&x, eps, &lm_w, lm_scale.as_deref())?;
-    net.g.output(&logits, "logits", DataType::Float, &[Dim::Sym("B"), vocab.into()]);
+    net.g.output(&logits, tensor::LOGITS, DataType::Float, &[Dim::Sym("B"), vocab.into()]);
     Ok(net.g.finish("GPT-2 decoder step with self-attention cache and cached cross keys/values (vitgpt2 fast layout)", &meta(form)))
 }
 

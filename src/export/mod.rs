@@ -17,8 +17,9 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::bundle::contract::{self, graph};
 use crate::config::{Gpt2Config, ModelConfig, VitConfig};
-use crate::error::{Error, Result};
+use crate::error::{write_atomic, write_json, Error, Result};
 use crate::model::VisionEncoderDecoder;
 pub use fast::WeightForm;
 
@@ -54,7 +55,7 @@ impl Weights {
 }
 
 /// Graph layouts to write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// encoder_fast.onnx + decoder_step.onnx (what vitgpt2-node prefers).
     Fast,
@@ -64,14 +65,18 @@ pub enum Layout {
     Both,
 }
 
+word_enum!(Layout { Fast = "fast", Optimum = "optimum", Both = "both" });
+
 /// Model sizes for `--random-init`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportPreset {
     /// ViT-B/16 at 224 + GPT-2 small (12+12 layers, width 768), 50,000 tokens: benchmarks.
     VitBaseGpt2Small,
     /// ViT 32 px, patch 8, width 32, 2 layers + GPT-2 width 32, 2 layers, 420 tokens: tests.
     Tiny,
 }
+
+word_enum!(ExportPreset { VitBaseGpt2Small = "vit-base-gpt2-small", Tiny = "tiny" });
 
 pub fn preset_config(preset: ExportPreset) -> ModelConfig {
     let (encoder, decoder) = match preset {
@@ -93,11 +98,12 @@ pub fn preset_config(preset: ExportPreset) -> ModelConfig {
 }
 
 /// File names of the fast layout.
-pub fn fast_files(form: WeightForm) -> [&'static str; 2] {
-    match form {
-        WeightForm::Fp32 => ["encoder_fast.onnx", "decoder_step.onnx"],
-        WeightForm::Int8 => ["encoder_fast_int8.onnx", "decoder_step_int8.onnx"],
-    }
+pub fn fast_files(form: WeightForm) -> [String; 2] {
+    let suffix = match form {
+        WeightForm::Fp32 => graph::FP32,
+        WeightForm::Int8 => graph::FAST_INT8,
+    };
+    graph::FAST.map(|stem| graph::file(stem, suffix))
 }
 
 /// What an export wrote.
@@ -109,7 +115,7 @@ pub struct WrittenFile {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|e| Error::bundle(path, format!("cannot write: {e}")))
+    write_atomic(path, bytes)
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -131,61 +137,50 @@ pub fn write_graphs(cfg: &ModelConfig, w: &Weights, out: &Path, layout: Layout, 
     let mut names = Vec::new();
     if matches!(layout, Layout::Fast | Layout::Both) {
         let [enc, dec] = fast_files(form);
-        write(&out.join(enc), &onnx::encode(&fast::encoder_graph(cfg, w, form)?))?;
-        write(&out.join(dec), &onnx::encode(&fast::decoder_step_graph(cfg, w, form)?))?;
-        names.extend([enc.to_string(), dec.to_string()]);
+        write(&out.join(&enc), &onnx::encode(&fast::encoder_graph(cfg, w, form)?))?;
+        write(&out.join(&dec), &onnx::encode(&fast::decoder_step_graph(cfg, w, form)?))?;
+        names.extend([enc, dec]);
     }
     if matches!(layout, Layout::Optimum | Layout::Both) {
         let [enc, dec, past] = optimum::optimum_files(form);
-        write(&out.join(enc), &onnx::encode(&optimum::encoder_graph(cfg, w, form)?))?;
-        write(&out.join(dec), &onnx::encode(&optimum::decoder_graph(cfg, w, form, false)?))?;
-        write(&out.join(past), &onnx::encode(&optimum::decoder_graph(cfg, w, form, true)?))?;
-        names.extend([enc.to_string(), dec.to_string(), past.to_string()]);
+        write(&out.join(&enc), &onnx::encode(&optimum::encoder_graph(cfg, w, form)?))?;
+        write(&out.join(&dec), &onnx::encode(&optimum::decoder_graph(cfg, w, form, false)?))?;
+        write(&out.join(&past), &onnx::encode(&optimum::decoder_graph(cfg, w, form, true)?))?;
+        names.extend([enc, dec, past]);
     }
     Ok(names)
 }
-
-/// Tokenizer and processor files copied from a checkpoint folder into a bundle.
-pub const ASSET_FILES: [&str; 7] = [
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-];
 
 /// Writes config.json and copies the tokenizer, generation and preprocessor configs from
 /// `assets` (the preprocessor's size is set to the model's image size).
 pub fn write_configs(model: &VisionEncoderDecoder, assets: &Path, out: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(out).map_err(|e| Error::bundle(out, format!("cannot create: {e}")))?;
-    let cfg_path = out.join("config.json");
+    let cfg_path = out.join(contract::CONFIG);
     let text = serde_json::to_string_pretty(&model.config_json()?).map_err(|e| Error::bundle(&cfg_path, e))?;
     write(&cfg_path, (text + "\n").as_bytes())?;
-    let mut files = vec!["config.json".to_string()];
-    for name in ASSET_FILES {
+    let mut files = vec![contract::CONFIG.to_string()];
+    for name in contract::ASSET_FILES {
         let src = assets.join(name);
         if !src.is_file() {
             continue;
         }
         let dst = out.join(name);
-        if name == "preprocessor_config.json" {
+        if name == contract::PREPROCESSOR_CONFIG {
             let text = std::fs::read_to_string(&src).map_err(|e| Error::bundle(&src, e))?;
             let mut v: Value = serde_json::from_str(&text).map_err(|e| Error::bundle(&src, e))?;
             let side = model.config.encoder.image_size;
             v["size"] = json!({"height": side, "width": side});
-            write(&dst, (serde_json::to_string_pretty(&v).unwrap_or_default() + "\n").as_bytes())?;
+            write_json(&dst, &v)?;
         } else if src != dst {
             std::fs::copy(&src, &dst).map_err(|e| Error::bundle(&dst, format!("cannot copy from {}: {e}", src.display())))?;
         }
         files.push(name.to_string());
     }
-    if !files.iter().any(|f| f == "tokenizer.json" || f == "vocab.json") {
+    if !files.iter().any(|f| f == contract::TOKENIZER_JSON || f == contract::VOCAB_JSON) {
         return Err(Error::bundle(assets, "no tokenizer (tokenizer.json or vocab.json + merges.txt) to copy into the bundle"));
     }
-    if !files.iter().any(|f| f == "preprocessor_config.json") {
-        return Err(Error::bundle(assets.join("preprocessor_config.json"), "missing: the bundle needs the image processor's config"));
+    if !files.iter().any(|f| f == contract::PREPROCESSOR_CONFIG) {
+        return Err(Error::bundle(assets.join(contract::PREPROCESSOR_CONFIG), "missing: the bundle needs the image processor's config"));
     }
     Ok(files)
 }
@@ -224,70 +219,60 @@ pub fn export_bundle(model: &VisionEncoderDecoder, assets: &Path, opts: &ExportO
         "provenance": provenance,
         "files": files,
     });
-    let path = opts.out.join("manifest.json");
-    write(&path, (serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n").as_bytes())?;
+    write_json(&opts.out.join(contract::MANIFEST), &manifest)?;
     Ok(files)
 }
 
+/// The model an export starts from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A checkpoint folder (config.json + weights, tokenizer, preprocessor_config.json).
+    Checkpoint(PathBuf),
+    /// Random weights of a preset size (benchmarks), drawn from `seed`.
+    RandomInit { preset: ExportPreset, seed: u64 },
+}
+
 /// `vitgpt2-host export`.
-#[derive(clap::Args, Debug)]
-pub struct ExportArgs {
-    /// Checkpoint folder (config.json + model.safetensors, tokenizer, preprocessor_config.json).
-    #[arg(long, conflicts_with = "random_init")]
-    pub checkpoint: Option<PathBuf>,
-    /// Random weights of a preset size instead of a checkpoint (benchmarks).
-    #[arg(long, requires = "preset")]
-    pub random_init: bool,
-    #[arg(long, value_enum)]
-    pub preset: Option<ExportPreset>,
-    /// Seed of the random initialisation.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+#[derive(Debug, Clone)]
+pub struct ExportCommand {
+    pub source: ModelSource,
     /// Where the tokenizer, generation and preprocessor configs come from (default: the
-    /// checkpoint folder; required with --random-init).
-    #[arg(long)]
+    /// checkpoint folder; required with a random model).
     pub assets: Option<PathBuf>,
     /// Output bundle folder.
-    #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, value_enum, default_value = "fast")]
     pub layout: Layout,
     /// Also write int8 graphs.
-    #[arg(long)]
     pub int8: bool,
     /// Write only the int8 graphs.
-    #[arg(long, requires = "int8")]
     pub int8_only: bool,
 }
 
-pub fn export_command(args: &ExportArgs) -> Result<i32> {
+pub fn export_command(args: &ExportCommand) -> Result<i32> {
     let device = Device::Cpu;
-    let (model, assets, provenance) = match (&args.checkpoint, args.random_init) {
-        (Some(dir), _) => {
-            let (model, _) = VisionEncoderDecoder::from_checkpoint(dir, &device)?;
+    let (model, assets, provenance) = match &args.source {
+        ModelSource::Checkpoint(dir) => {
+            let (model, report) = VisionEncoderDecoder::from_checkpoint(dir, &device)?;
             let assets = args.assets.clone().unwrap_or_else(|| dir.clone());
-            let weights = ["model.safetensors", "pytorch_model.bin"].iter().map(|f| dir.join(f)).find(|p| p.is_file());
             let prov = json!({
-                "model": {"checkpoint": dir.display().to_string(), "weights_sha256": weights.map(|p| sha256_file(&p)).transpose()?},
+                "model": {"checkpoint": dir.display().to_string(), "weights_sha256": report.files.first().map(|p| sha256_file(p)).transpose()?},
                 "tokenizer": {"from": assets.display().to_string()},
             });
             (model, assets, prov)
         }
-        (None, true) => {
-            let preset = args.preset.ok_or_else(|| Error::setting("--preset", "needed with --random-init"))?;
+        ModelSource::RandomInit { preset, seed } => {
             let assets = args.assets.clone().ok_or_else(|| Error::setting("--assets", "needed with --random-init (a folder with a tokenizer and preprocessor_config.json)"))?;
-            let cfg = preset_config(preset);
-            eprintln!("initialising a random {preset:?} model (seed {})…", args.seed);
-            let model = VisionEncoderDecoder::random_init(&cfg, args.seed, &device)?;
+            let cfg = preset_config(*preset);
+            eprintln!("initialising a random {} model (seed {seed})…", preset.word());
+            let model = VisionEncoderDecoder::random_init(&cfg, *seed, &device)?;
             let prov = json!({
-                "model": {"random_init": format!("{preset:?}"), "seed": args.seed},
+                "model": {"random_init": format!("{preset:?}"), "seed": seed},
                 "tokenizer": {"from": assets.display().to_string()},
             });
             (model, assets, prov)
         }
-        (None, false) => return Err(Error::setting("export", "pass --checkpoint DIR or --random-init --preset NAME")),
     };
-    let opts = ExportOptions { out: args.out.clone(), layout: args.layout, fp32: !args.int8_only, int8: args.int8 };
+    let opts = ExportOptions { out: args.out.clone(), layout: args.layout, fp32: !args.int8_only, int8: args.int8 || args.int8_only };
     eprintln!("exporting to {}…", args.out.display());
     let files = export_bundle(&model, &assets, &opts, provenance)?;
     for f in &files {

@@ -11,24 +11,26 @@ use tract_onnx::pb::ModelProto;
 use super::fast::{gelu_of, gpt2_scale, project, vit, Net, WeightForm};
 use super::onnx::{Attr, Dim};
 use super::Weights;
+use crate::bundle::contract::{graph, tensor};
 use crate::config::ModelConfig;
 use crate::error::Result;
 
 /// File names of the Optimum layout (int8: onnxruntime's `_quantized` suffix).
-pub fn optimum_files(form: WeightForm) -> [&'static str; 3] {
-    match form {
-        WeightForm::Fp32 => ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"],
-        WeightForm::Int8 => ["encoder_model_quantized.onnx", "decoder_model_quantized.onnx", "decoder_with_past_model_quantized.onnx"],
-    }
+pub fn optimum_files(form: WeightForm) -> [String; 3] {
+    let suffix = match form {
+        WeightForm::Fp32 => graph::FP32,
+        WeightForm::Int8 => graph::OPTIMUM_INT8,
+    };
+    graph::OPTIMUM.map(|stem| graph::file(stem, suffix))
 }
 
 pub fn encoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> Result<ModelProto> {
     let mut net = Net::new("vitgpt2_encoder_model", form, w);
     let e = &cfg.encoder;
     let side = e.image_size;
-    let pv = net.g.input("pixel_values", DataType::Float, &[1.into(), e.num_channels.into(), side.into(), side.into()]);
+    let pv = net.g.input(tensor::PIXEL_VALUES, DataType::Float, &[1.into(), e.num_channels.into(), side.into(), side.into()]);
     let last = vit(&mut net, cfg, &pv)?;
-    net.g.output(&last, "last_hidden_state", DataType::Float, &[1.into(), e.seq_len().into(), e.hidden_size.into()]);
+    net.g.output(&last, tensor::LAST_HIDDEN_STATE, DataType::Float, &[1.into(), e.seq_len().into(), e.hidden_size.into()]);
     Ok(net.g.finish("ViT encoder (Optimum image-to-text-with-past layout)", &[("vitgpt2.layout", "optimum".into())]))
 }
 
@@ -40,14 +42,14 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past
     let (s, de) = (cfg.encoder.seq_len(), cfg.encoder.hidden_size);
     let b = Dim::Sym("batch_size");
     let t_dim = if with_past { Dim::Fixed(1) } else { Dim::Sym("decoder_sequence_length") };
-    let ids = net.g.input("input_ids", DataType::Int64, &[b.clone(), t_dim.clone()]);
-    let enc = net.g.input("encoder_hidden_states", DataType::Float, &[b.clone(), s.into(), de.into()]);
+    let ids = net.g.input(tensor::INPUT_IDS, DataType::Int64, &[b.clone(), t_dim.clone()]);
+    let enc = net.g.input(tensor::ENCODER_HIDDEN_STATES, DataType::Float, &[b.clone(), s.into(), de.into()]);
     let mut past = Vec::new();
     if with_past {
         for i in 0..dd.n_layer {
-            for kv in ["key", "value"] {
+            for kv in tensor::KV {
                 past.push(net.g.input(
-                    &format!("past_key_values.{i}.{kv}"),
+                    &tensor::past_key_values(i, kv),
                     DataType::Float,
                     &[b.clone(), heads.into(), Dim::Sym("past_sequence_length"), hd.into()],
                 ));
@@ -99,7 +101,7 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past
             let y = net.reshape(&y, &split);
             qkv.push(net.transpose(&y, &[0, 2, 1, 3]));
         }
-        let (pk, pv) = (format!("present.{i}.key"), format!("present.{i}.value"));
+        let [pk, pv] = tensor::KV.map(|kv| tensor::present(i, kv));
         if with_past {
             net.g.node_to("Concat", &[&past[2 * i], &qkv[1]], &pk, vec![("axis", Attr::Int(2))]);
             net.g.node_to("Concat", &[&past[2 * i + 1], &qkv[2]], &pv, vec![("axis", Attr::Int(2))]);
@@ -136,6 +138,6 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past
         x = net.gpt2_mlp(&x, &l, eps, activation)?;
     }
     let logits = net.lm_head(&x, eps, &lm_w, lm_scale.as_deref())?;
-    net.g.output(&logits, "logits", DataType::Float, &[Dim::Sym("batch_size"), t_dim, vocab.into()]);
+    net.g.output(&logits, tensor::LOGITS, DataType::Float, &[Dim::Sym("batch_size"), t_dim, vocab.into()]);
     Ok(net.g.finish("GPT-2 decoder with cross-attention (Optimum image-to-text-with-past layout)", &[("vitgpt2.layout", "optimum".into())]))
 }

@@ -19,6 +19,7 @@ use candle_nn::{Init, VarBuilder};
 use serde_json::Value;
 
 use super::ved::VisionEncoderDecoder;
+use crate::rng::SplitMix;
 use crate::config::{Gpt2Config, ModelConfig, VitConfig};
 use crate::error::{Error, Result};
 
@@ -103,27 +104,6 @@ pub fn group_names(names: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// SplitMix64 with Box–Muller: a seeded initialisation (candle cannot seed its CPU generator).
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1].
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
-
 /// A VarBuilder backend that serves tensors from a checkpoint, initialises the ones it lacks,
 /// makes every one a trainable `Var`, and records which names the model asked for.
 struct Tracker {
@@ -133,7 +113,7 @@ struct Tracker {
     /// Every name the files hold.
     available: BTreeSet<String>,
     requested: Mutex<BTreeMap<String, Var>>,
-    rng: Mutex<Rng>,
+    rng: Mutex<SplitMix>,
 }
 
 struct TrackerBackend(Arc<Tracker>);
@@ -145,7 +125,7 @@ impl Tracker {
         let data: Vec<f32> = match init {
             Init::Const(c) => vec![c as f32; n],
             Init::Randn { mean, stdev } => (0..n).map(|_| (mean + stdev * rng.normal()) as f32).collect(),
-            Init::Uniform { lo, up } => (0..n).map(|_| (lo + (up - lo) * rng.uniform()) as f32).collect(),
+            Init::Uniform { lo, up } => (0..n).map(|_| (lo + (up - lo) * rng.uniform_nonzero()) as f32).collect(),
             other => return other.var(shape.clone(), DType::F32, dev).map(|v| v.as_tensor().clone()),
         };
         Tensor::from_vec(data, shape.clone(), dev)
@@ -195,7 +175,7 @@ struct Source {
 /// The weight file of a checkpoint directory: model.safetensors, else pytorch_model.bin.
 fn weight_file(dir: &Path) -> Result<PathBuf> {
     if !dir.is_dir() {
-        return Err(Error::bundle(dir, "not a directory; pass a Hugging Face checkpoint folder (config.json + model.safetensors or pytorch_model.bin)"));
+        return Err(Error::checkpoint(dir, "not a directory; pass a Hugging Face checkpoint folder (config.json + model.safetensors or pytorch_model.bin)"));
     }
     for name in ["model.safetensors", "pytorch_model.bin"] {
         let p = dir.join(name);
@@ -205,13 +185,13 @@ fn weight_file(dir: &Path) -> Result<PathBuf> {
     }
     for index in ["model.safetensors.index.json", "pytorch_model.bin.index.json"] {
         if dir.join(index).is_file() {
-            return Err(Error::bundle(
+            return Err(Error::checkpoint(
                 dir.join(index),
                 "sharded checkpoints are not supported: re-save it with transformers' save_pretrained(max_shard_size=\"100GB\")",
             ));
         }
     }
-    Err(Error::bundle(dir, "no model.safetensors or pytorch_model.bin in the checkpoint folder"))
+    Err(Error::checkpoint(dir, "no model.safetensors or pytorch_model.bin in the checkpoint folder"))
 }
 
 /// All tensors of a weight file (on the CPU), by their names in the file.
@@ -220,25 +200,25 @@ fn read_weights(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if is_bin {
         // torch.save zip: read lazily so that buffers of unsupported dtypes (bool masks) are skipped.
         let pth = candle_core::pickle::PthTensors::new(path, None)
-            .map_err(|e| Error::bundle(path, format!("not a readable PyTorch checkpoint ({e}); re-save it with torch.save or as safetensors")))?;
+            .map_err(|e| Error::checkpoint(path, format!("not a readable PyTorch checkpoint ({e}); re-save it with torch.save or as safetensors")))?;
         let mut names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
         names.sort();
         let mut out = Vec::with_capacity(names.len());
         for n in names {
             if is_buffer(&n) {
-                out.push((n, Tensor::zeros((), DType::F32, &Device::Cpu).map_err(|e| Error::bundle(path, e))?));
+                out.push((n, Tensor::zeros((), DType::F32, &Device::Cpu).map_err(|e| Error::checkpoint(path, e))?));
                 continue;
             }
             match pth.get(&n) {
                 Ok(Some(t)) => out.push((n, t)),
                 Ok(None) => {}
-                Err(e) => return Err(Error::bundle(path, format!("cannot read tensor {n}: {e}"))),
+                Err(e) => return Err(Error::checkpoint(path, format!("cannot read tensor {n}: {e}"))),
             }
         }
         Ok(out)
     } else {
         let map = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| Error::bundle(path, format!("not a readable safetensors file ({e})")))?;
+            .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file ({e})")))?;
         let mut v: Vec<(String, Tensor)> = map.into_iter().collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(v)
@@ -278,8 +258,8 @@ impl Source {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| Error::bundle(path, format!("not valid JSON: {e}")))
+    let text = std::fs::read_to_string(path).map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| Error::checkpoint(path, format!("not valid JSON: {e}")))
 }
 
 /// `base` with `over`'s fields written over it (objects merged recursively).
@@ -315,11 +295,11 @@ fn build(
         source: Mutex::new(tensors),
         available,
         requested: Mutex::new(BTreeMap::new()),
-        rng: Mutex::new(Rng(seed)),
+        rng: Mutex::new(SplitMix::new(seed)),
     });
     let vb = VarBuilder::from_backend(Box::new(TrackerBackend(tracker.clone())), DType::F32, device.clone());
-    let mut model = VisionEncoderDecoder::load(vb, cfg, with_pooler).map_err(|e| Error::bundle(blame, e))?;
-    let params = std::mem::take(&mut *tracker.requested.lock().map_err(|_| Error::bundle(blame, "parameter lock poisoned"))?);
+    let mut model = VisionEncoderDecoder::load(vb, cfg, with_pooler).map_err(|e| Error::checkpoint(blame, e))?;
+    let params = std::mem::take(&mut *tracker.requested.lock().map_err(|_| Error::checkpoint(blame, "parameter lock poisoned"))?);
 
     let mut loaded = Vec::new();
     let mut initialised = Vec::new();
@@ -332,7 +312,7 @@ fn build(
     }
     let missing: Vec<&String> = initialised.iter().filter(|n| !may_initialise(n)).collect();
     if !missing.is_empty() {
-        return Err(Error::bundle(
+        return Err(Error::checkpoint(
             blame,
             format!(
                 "{} tensor(s) missing: {} — the weights do not match config.json (wrong checkpoint or config?)",
@@ -343,7 +323,7 @@ fn build(
     }
     let unexpected: Vec<String> = tracker.available.iter().filter(|n| !params.contains_key(*n)).cloned().collect();
     if !unexpected.is_empty() {
-        return Err(Error::bundle(
+        return Err(Error::checkpoint(
             blame,
             format!(
                 "{} unexpected tensor(s): {} — not part of a ViT-GPT2 with this config.json (a different architecture or a task head?)",
@@ -358,13 +338,13 @@ fn build(
             Some(wte) => head.dims() == wte.dims() && {
                 let diff = (head.to_dtype(DType::F32).and_then(|h| h.to_device(device)).and_then(|h| h - &wte))
                     .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-                    .map_err(|e| Error::bundle(&path, e))?;
+                    .map_err(|e| Error::checkpoint(&path, e))?;
                 diff == 0.0
             },
             None => false,
         };
         if !same {
-            return Err(Error::bundle(path, "the stored LM head differs from the token embedding: only a tied LM head (lm_head = wte) is supported"));
+            return Err(Error::checkpoint(path, "the stored LM head differs from the token embedding: only a tied LM head (lm_head = wte) is supported"));
         }
     }
     model.params = params;
@@ -387,7 +367,7 @@ impl VisionEncoderDecoder {
     pub fn from_checkpoint(dir: &Path, device: &Device) -> Result<(Self, LoadReport)> {
         let config_path = dir.join("config.json");
         if dir.is_dir() && !config_path.is_file() {
-            return Err(Error::bundle(&config_path, "missing: a VisionEncoderDecoder checkpoint needs config.json"));
+            return Err(Error::checkpoint(&config_path, "missing: a VisionEncoderDecoder checkpoint needs config.json"));
         }
         let cfg = ModelConfig::from_file(&config_path)?;
         Self::from_checkpoint_with_config(dir, &cfg, device)
@@ -420,16 +400,16 @@ impl VisionEncoderDecoder {
         let vit_raw = read_json(&vit_cfg_path)?;
         let mut gpt_raw = read_json(&gpt_cfg_path)?;
         let encoder: VitConfig = serde_json::from_value(vit_raw.clone())
-            .map_err(|e| Error::bundle(&vit_cfg_path, format!("not a ViT config ({e})")))?;
+            .map_err(|e| Error::checkpoint(&vit_cfg_path, format!("not a ViT config ({e})")))?;
         if encoder.model_type != "vit" {
-            return Err(Error::bundle(&vit_cfg_path, format!("model_type is `{}`; pass a ViT checkpoint as the encoder", encoder.model_type)));
+            return Err(Error::checkpoint(&vit_cfg_path, format!("model_type is `{}`; pass a ViT checkpoint as the encoder", encoder.model_type)));
         }
         // The decoder becomes a cross-attending decoder, as from_encoder_decoder_pretrained does.
         overlay(&mut gpt_raw, &serde_json::json!({"is_decoder": true, "add_cross_attention": true}));
         let decoder: Gpt2Config = serde_json::from_value(gpt_raw.clone())
-            .map_err(|e| Error::bundle(&gpt_cfg_path, format!("not a GPT-2 config ({e})")))?;
+            .map_err(|e| Error::checkpoint(&gpt_cfg_path, format!("not a GPT-2 config ({e})")))?;
         if decoder.model_type != "gpt2" {
-            return Err(Error::bundle(&gpt_cfg_path, format!("model_type is `{}`; pass a GPT-2 checkpoint as the decoder", decoder.model_type)));
+            return Err(Error::checkpoint(&gpt_cfg_path, format!("model_type is `{}`; pass a GPT-2 checkpoint as the decoder", decoder.model_type)));
         }
         check_tied_gpt2(&decoder, &gpt_cfg_path)?;
         let cfg = ModelConfig {
@@ -441,7 +421,7 @@ impl VisionEncoderDecoder {
             encoder,
             decoder,
         };
-        cfg.validate().map_err(|m| Error::bundle(&gpt_cfg_path, m))?;
+        cfg.validate().map_err(|m| Error::checkpoint(&gpt_cfg_path, m))?;
         let raw = serde_json::json!({
             "architectures": ["VisionEncoderDecoderModel"],
             "model_type": "vision-encoder-decoder",
@@ -463,7 +443,7 @@ impl VisionEncoderDecoder {
         // Blame the GPT-2 file for missing decoder tensors, the ViT file otherwise.
         let (mut model, report) = build(source, &cfg, true, seed, may_init, gpt2_dir, device)
             .map_err(|e| match e {
-                Error::Bundle { msg, .. } => Error::bundle(format!("{} + {}", vit_weights.display(), gpt_weights.display()), msg),
+                Error::Bundle { msg, .. } => Error::checkpoint(format!("{} + {}", vit_weights.display(), gpt_weights.display()), msg),
                 other => other,
             })?;
         model.raw_config = config_json(&raw, &cfg)?;
@@ -496,21 +476,21 @@ impl VisionEncoderDecoder {
     /// Writes config.json and model.safetensors (no LM head: it is the tied embedding, as
     /// transformers saves it) into `dir`, which is created if needed.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::bundle(dir, format!("cannot create the output folder: {e}")))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::checkpoint(dir, format!("cannot create the output folder: {e}")))?;
         let cfg_path = dir.join("config.json");
-        let text = serde_json::to_string_pretty(&self.config_json()?).map_err(|e| Error::bundle(&cfg_path, e))?;
-        std::fs::write(&cfg_path, text + "\n").map_err(|e| Error::bundle(&cfg_path, format!("cannot write: {e}")))?;
+        let text = serde_json::to_string_pretty(&self.config_json()?).map_err(|e| Error::checkpoint(&cfg_path, e))?;
+        std::fs::write(&cfg_path, text + "\n").map_err(|e| Error::checkpoint(&cfg_path, format!("cannot write: {e}")))?;
         let path = dir.join("model.safetensors");
         let tensors: Vec<(String, Tensor)> = self
             .params
             .iter()
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?.contiguous()?)))
             .collect::<candle_core::Result<_>>()
-            .map_err(|e| Error::bundle(&path, e))?;
+            .map_err(|e| Error::checkpoint(&path, e))?;
         // transformers checks the format tag of safetensors files.
         let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         safetensors::serialize_to_file(tensors, Some(metadata), &path)
-            .map_err(|e| Error::bundle(&path, format!("cannot write: {e}")))?;
+            .map_err(|e| Error::checkpoint(&path, format!("cannot write: {e}")))?;
         Ok(())
     }
 
@@ -522,7 +502,7 @@ impl VisionEncoderDecoder {
         let copy = |from: PathBuf, written: &mut Vec<PathBuf>| -> Result<()> {
             if from.is_file() {
                 let to = dir.join(from.file_name().unwrap_or_default());
-                std::fs::copy(&from, &to).map_err(|e| Error::bundle(&to, format!("cannot copy from {}: {e}", from.display())))?;
+                std::fs::copy(&from, &to).map_err(|e| Error::checkpoint(&to, format!("cannot copy from {}: {e}", from.display())))?;
                 written.push(to);
             }
             Ok(())
@@ -540,8 +520,8 @@ impl VisionEncoderDecoder {
                 "eos_token_id": c.eos_token_id,
                 "pad_token_id": c.pad_token_id,
             });
-            let text = serde_json::to_string_pretty(&gen).map_err(|e| Error::bundle(&gen_path, e))?;
-            std::fs::write(&gen_path, text + "\n").map_err(|e| Error::bundle(&gen_path, format!("cannot write: {e}")))?;
+            let text = serde_json::to_string_pretty(&gen).map_err(|e| Error::checkpoint(&gen_path, e))?;
+            std::fs::write(&gen_path, text + "\n").map_err(|e| Error::checkpoint(&gen_path, format!("cannot write: {e}")))?;
             written.push(gen_path);
         }
         Ok(written)
@@ -554,7 +534,7 @@ fn check_tied(cfg: &ModelConfig, path: &Path) -> Result<()> {
 
 fn check_tied_gpt2(cfg: &Gpt2Config, path: &Path) -> Result<()> {
     if !cfg.tie_word_embeddings {
-        return Err(Error::bundle(path, "decoder tie_word_embeddings is false: only GPT-2 with its LM head tied to the token embedding is supported"));
+        return Err(Error::checkpoint(path, "decoder tie_word_embeddings is false: only GPT-2 with its LM head tied to the token embedding is supported"));
     }
     Ok(())
 }
@@ -577,14 +557,5 @@ mod tests {
         assert!(is_buffer("decoder.transformer.h.0.crossattention.bias"));
         assert!(!is_buffer("transformer.h.0.attn.c_attn.bias"));
         assert!(!is_buffer("transformer.h.0.crossattention.c_attn.bias"));
-    }
-
-    #[test]
-    fn seeded_normal_has_unit_spread() {
-        let mut r = Rng(1);
-        let xs: Vec<f64> = (0..20000).map(|_| r.normal()).collect();
-        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
-        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
     }
 }

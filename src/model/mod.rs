@@ -6,9 +6,9 @@
 //! the fused `candle_nn::ops::layer_norm`/`softmax_last_dim` kernels have none (gradients stop
 //! silently), so layer norm and softmax are written from basic ops here.
 
-pub mod caption;
 pub mod checkpoint;
 pub mod commands;
+pub mod engine;
 pub mod gpt2;
 pub mod ved;
 pub mod vit;
@@ -16,8 +16,8 @@ pub mod vit;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-pub use caption::HostCaptioner;
 pub use checkpoint::LoadReport;
+pub use engine::{open_checkpoint, CandleEngine};
 pub use ved::{caption_loss, shift_tokens_right, DecoderCache, HostSession, VisionEncoderDecoder};
 
 /// The device the host model runs on: the first CUDA GPU when built with `cuda`, else the CPU.

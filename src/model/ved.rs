@@ -10,6 +10,7 @@ use ndarray::Array2;
 
 use super::gpt2::{Gpt2Cache, Gpt2LmHead};
 use super::vit::Vit;
+use crate::assets::SpecialTokens;
 use crate::config::ModelConfig;
 use crate::generate::DecoderSession;
 
@@ -114,26 +115,20 @@ impl VisionEncoderDecoder {
     }
 
     /// Loss and logits for `labels` (one row per image, -100 = ignored), as transformers trains
-    /// it: decoder inputs are the labels shifted right after `decoder_start_token_id`.
-    pub fn loss(&self, pixel_values: &Tensor, labels: &[Vec<i64>], train: bool) -> Result<(Tensor, Tensor)> {
-        let (start, pad) = self.start_and_pad()?;
-        let inputs = shift_tokens_right(labels, start, pad)?;
+    /// it: decoder inputs are the labels shifted right after `special.decoder_start`, ignored
+    /// positions filled with `special.pad`. With `freeze_encoder`, no gradient reaches the ViT.
+    pub fn loss(&self, pixel_values: &Tensor, labels: &[Vec<i64>], special: &SpecialTokens, train: bool, freeze_encoder: bool) -> Result<(Tensor, Tensor)> {
+        let inputs = shift_tokens_right(labels, special.decoder_start, special.pad)?;
         let t = labels.first().map(|r| r.len()).unwrap_or(0);
         let flat: Vec<u32> = inputs.into_iter().flatten().collect();
         let ids = Tensor::from_vec(flat, (labels.len(), t), &self.device)?;
         let labels = Tensor::from_vec(labels.concat(), (labels.len(), t), &self.device)?;
-        let logits = self.forward(pixel_values, &ids, train)?;
+        let logits = if freeze_encoder {
+            self.forward_frozen_encoder(pixel_values, &ids, train)?
+        } else {
+            self.forward(pixel_values, &ids, train)?
+        };
         Ok((caption_loss(&logits, &labels)?, logits))
-    }
-
-    fn start_and_pad(&self) -> Result<(u32, u32)> {
-        let c = &self.config;
-        let start = c.decoder_start_token_id.or(c.decoder.bos_token_id);
-        let pad = c.pad_token_id.or(c.decoder.pad_token_id).or(c.eos_token_id).or(c.decoder.eos_token_id);
-        match (start, pad) {
-            (Some(s), Some(p)) => Ok((s, p)),
-            _ => candle_core::bail!("config.json needs decoder_start_token_id and pad_token_id (or eos_token_id) to build decoder inputs from labels"),
-        }
     }
 
     /// An empty decoder cache for `encoder_hidden` (from [`Self::encode`]).

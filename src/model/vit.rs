@@ -21,7 +21,7 @@ fn init() -> Init {
 /// Half the channels encode the row, half the column; the CLS slot is zero.
 pub fn sincos_position_embeddings(cfg: &VitConfig) -> Result<Tensor> {
     let d = cfg.hidden_size;
-    if d % 4 != 0 {
+    if !d.is_multiple_of(4) {
         candle_core::bail!("sin-cos position embeddings need hidden_size divisible by 4, got {d}");
     }
     let side = cfg.image_size / cfg.patch_size;

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use serde_json::Value;
 
-use super::rng::epoch_order;
+use crate::rng::SplitMix;
 use crate::error::{Error, Result};
 use crate::preprocess::{decode_image, PreprocessConfig};
 
@@ -59,7 +59,7 @@ impl CaptionSet {
     /// the split is stable): (train, held out).
     pub fn split(self, fraction: f64) -> (CaptionSet, CaptionSet) {
         let held = |id: u64| {
-            let h = super::rng::SplitMix::new(id ^ 0x5EED).next_u64();
+            let h = SplitMix::new(id ^ 0x5EED).next_u64();
             (h % 10_000) as f64 / 10_000.0 < fraction
         };
         let (val, train): (Vec<Sample>, Vec<Sample>) = self.samples.into_iter().partition(|s| held(s.image_id));
@@ -94,7 +94,8 @@ impl CaptionSet {
                 });
             }
         });
-        let mut bad = bad.into_inner().unwrap_or_default();
+        // A poisoned lock still holds every failure recorded before the panic.
+        let mut bad = bad.into_inner().unwrap_or_else(|e| e.into_inner());
         bad.sort();
         let set: HashSet<PathBuf> = bad.iter().map(|(p, _)| p.clone()).collect();
         for (p, e) in &bad {
@@ -278,17 +279,22 @@ pub fn decode_batch(samples: &[Sample], indices: &[usize], pre: &PreprocessConfi
         let handles: Vec<_> = indices
             .chunks(chunk)
             .map(|part| {
-                sc.spawn(move || {
+                let h = sc.spawn(move || {
                     part.iter()
                         .map(|&i| {
                             let r = read_and_decode(&samples[i].image).map(|img| pre.pixel_values(&img).into_iter().collect::<Vec<f32>>());
                             (i, r)
                         })
                         .collect::<Vec<_>>()
-                })
+                });
+                (part, h)
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+        // A worker that died takes its images with it: they are reported as failed, not lost.
+        handles
+            .into_iter()
+            .map(|(part, h)| h.join().unwrap_or_else(|_| part.iter().map(|&i| (i, Err("the decoding thread panicked".to_string()))).collect()))
+            .collect()
     });
     let mut batch = Batch { pixels: Vec::new(), rows: Vec::new(), failed: Vec::new() };
     for (i, r) in parts.into_iter().flatten() {
@@ -345,4 +351,13 @@ impl FailureLog {
             }
         }
     }
+}
+
+/// The permutation of `0..n` for `epoch` under `seed`: the data order of every run with the
+/// same seed, so that a resumed run reads the same batches.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng = SplitMix::new(seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F).wrapping_add(0x1234_5678));
+    rng.shuffle(&mut idx);
+    idx
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use serde::Serialize;
 
-use super::rng::SplitMix;
+use crate::rng::SplitMix;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

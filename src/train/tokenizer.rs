@@ -54,8 +54,6 @@ pub fn train_bpe(captions: &[String], vocab_size: usize, dir: &Path) -> Result<(
         "clean_up_tokenization_spaces": false,
         "model_max_length": 1024,
     });
-    let cfg_path = dir.join("tokenizer_config.json");
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap_or_default() + "\n")
-        .map_err(|e| Error::setting("--out", format!("cannot write {}: {e}", cfg_path.display())))?;
+    crate::error::write_json(&dir.join("tokenizer_config.json"), &cfg)?;
     Ok(())
 }

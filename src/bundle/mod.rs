@@ -1,17 +1,18 @@
 //! A model bundle: a directory in the Hugging Face layout (config.json,
-//! generation_config.json, preprocessor_config.json, tokenizer) plus ONNX graphs.
-//! Loading checks that every file is there and that they belong together.
+//! generation_config.json, preprocessor_config.json, tokenizer) plus ONNX graphs, in the
+//! bundle root or in `onnx/`. Opening checks that every file is there and that they belong
+//! together; the graphs themselves are loaded by [`crate::runtime`].
+
+pub mod contract;
 
 use std::path::{Path, PathBuf};
 
-use crate::config::ModelConfig;
+use crate::assets::{ModelAssets, Origin};
 use crate::error::{Error, Result};
-use crate::generate::GenerationConfig;
-use crate::preprocess::PreprocessConfig;
-use crate::tokenizer::CaptionTokenizer;
+use contract::graph;
 
 /// Which weights to run when a bundle holds both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// int8 graphs if the bundle has them, else fp32.
     #[default]
@@ -19,6 +20,8 @@ pub enum Precision {
     Fp32,
     Int8,
 }
+
+word_enum!(Precision { Auto = "auto", Fp32 = "fp32", Int8 = "int8" });
 
 /// The ONNX graphs of a bundle, by layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,72 +49,36 @@ impl GraphFiles {
     }
 }
 
+/// A bundle's checked assets and the graph files chosen to run.
 pub struct Bundle {
-    pub dir: PathBuf,
-    pub config: ModelConfig,
-    pub generation: GenerationConfig,
-    pub preprocess: PreprocessConfig,
-    pub tokenizer: CaptionTokenizer,
+    pub assets: ModelAssets,
     pub graphs: GraphFiles,
 }
 
-const OPTIMUM_GRAPHS: [&str; 3] = ["encoder_model", "decoder_model", "decoder_with_past_model"];
-
 impl Bundle {
-    /// Reads and cross-checks the bundle's configuration files and finds its graphs (the
-    /// graphs themselves are loaded by the runtime).
+    /// Opens and cross-checks the bundle's assets and picks its graphs for `precision`.
+    /// Errors: [`Error::Bundle`] naming the file and the problem.
     pub fn open(dir: &Path, precision: Precision) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::bundle(dir, "not a directory; pass the model bundle's folder (e.g. models/synthetic-fr)"));
-        }
-        let config = ModelConfig::from_file(&required(dir, "config.json")?)?;
-        let generation = GenerationConfig::from_bundle(&dir.join("generation_config.json"), &config)?;
-        let preprocess = PreprocessConfig::from_file(&required(dir, "preprocessor_config.json")?)?;
-        let mut special = vec![generation.decoder_start_token_id, generation.pad_token_id];
-        special.extend(generation.eos_token_ids.iter().copied());
-        let tokenizer = CaptionTokenizer::from_dir(dir, &special)?;
-        let vocab = config.decoder.vocab_size;
-        if tokenizer.vocab_size() > vocab {
-            return Err(Error::bundle(
-                tokenizer.source(),
-                format!(
-                    "tokenizer has {} tokens but config.json's decoder.vocab_size is {vocab}: tokenizer and model do not belong together",
-                    tokenizer.vocab_size()
-                ),
-            ));
-        }
-        if tokenizer.vocab_size() < vocab {
-            tracing::warn!(tokenizer = tokenizer.vocab_size(), model = vocab, "model vocabulary is larger than the tokenizer's (padded embedding?)");
-        }
-        for id in std::iter::once(generation.decoder_start_token_id).chain(generation.eos_token_ids.iter().copied()) {
-            if id as usize >= vocab {
-                return Err(Error::bundle(dir.join("generation_config.json"), format!("token id {id} is outside the vocabulary ({vocab})")));
-            }
-        }
+        let assets = ModelAssets::open(dir, Origin::Bundle)?;
         let graphs = find_graphs(dir, precision)?;
-        Ok(Bundle { dir: dir.to_path_buf(), config, generation, preprocess, tokenizer, graphs })
+        Ok(Bundle { assets, graphs })
     }
-}
 
-fn required(dir: &Path, name: &str) -> Result<PathBuf> {
-    let p = dir.join(name);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(Error::bundle(p, "missing file (a bundle needs config.json, preprocessor_config.json, a tokenizer and ONNX graphs)"))
+    pub fn dir(&self) -> &Path {
+        &self.assets.dir
     }
 }
 
 /// `name.onnx` in the bundle root, or in `onnx/` as transformers.js bundles have it.
 fn find(dir: &Path, file: &str) -> Option<PathBuf> {
-    [dir.join(file), dir.join("onnx").join(file)].into_iter().find(|p| p.is_file())
+    [dir.join(file), dir.join(contract::ONNX_DIR).join(file)].into_iter().find(|p| p.is_file())
 }
 
 fn find_set(dir: &Path, suffix: &str) -> (Vec<PathBuf>, Vec<String>) {
     let mut found = Vec::new();
     let mut missing = Vec::new();
-    for g in OPTIMUM_GRAPHS {
-        let file = format!("{g}{suffix}.onnx");
+    for g in graph::OPTIMUM {
+        let file = graph::file(g, suffix);
         match find(dir, &file) {
             Some(p) => found.push(p),
             None => missing.push(file),
@@ -120,14 +87,11 @@ fn find_set(dir: &Path, suffix: &str) -> (Vec<PathBuf>, Vec<String>) {
     (found, missing)
 }
 
-/// File names of the fast layout: `encoder_fast{suffix}.onnx`, `decoder_step{suffix}.onnx`.
-pub const FAST_GRAPHS: [&str; 2] = ["encoder_fast", "decoder_step"];
-
 /// The fast layout's graphs, if both are there.
 fn find_fast(dir: &Path, quantized: bool) -> Option<GraphFiles> {
-    let suffix = if quantized { "_int8" } else { "" };
-    let encoder = find(dir, &format!("{}{suffix}.onnx", FAST_GRAPHS[0]))?;
-    let decoder_step = find(dir, &format!("{}{suffix}.onnx", FAST_GRAPHS[1]))?;
+    let suffix = if quantized { graph::FAST_INT8 } else { graph::FP32 };
+    let encoder = find(dir, &graph::file(graph::ENCODER_FAST, suffix))?;
+    let decoder_step = find(dir, &graph::file(graph::DECODER_STEP, suffix))?;
     Some(GraphFiles::Fast { encoder, decoder_step, quantized })
 }
 
@@ -138,7 +102,7 @@ fn find_graphs(dir: &Path, precision: Precision) -> Result<GraphFiles> {
         Precision::Fp32 => find_fast(dir, false),
         Precision::Auto => find_fast(dir, true).or_else(|| {
             // fp32 fast graphs only when the bundle has no int8 Optimum set either.
-            if find_set(dir, "_quantized").1.is_empty() {
+            if find_set(dir, graph::OPTIMUM_INT8).1.is_empty() {
                 None
             } else {
                 find_fast(dir, false)
@@ -148,8 +112,8 @@ fn find_graphs(dir: &Path, precision: Precision) -> Result<GraphFiles> {
     if let Some(f) = fast {
         return Ok(f);
     }
-    let (int8, int8_missing) = find_set(dir, "_quantized");
-    let (fp32, fp32_missing) = find_set(dir, "");
+    let (int8, int8_missing) = find_set(dir, graph::OPTIMUM_INT8);
+    let (fp32, fp32_missing) = find_set(dir, graph::FP32);
     let pick = |files: Vec<PathBuf>, quantized: bool| GraphFiles::Optimum {
         encoder: files[0].clone(),
         decoder: files[1].clone(),

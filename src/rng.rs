@@ -1,5 +1,6 @@
-//! A small seeded generator (SplitMix64): data order, synthetic scenes. Its whole state is
-//! one `u64`, so it is trivially saved and restored.
+//! The one small seeded generator (SplitMix64, Steele, Lea & Flood 2014): weight
+//! initialisation, data order, synthetic scenes. candle cannot seed its CPU generator; this one's
+//! whole state is one `u64`, so it is trivially saved and restored.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SplitMix(pub u64);
@@ -20,6 +21,17 @@ impl SplitMix {
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in (0, 1] (never 0: a logarithm's argument).
+    pub fn uniform_nonzero(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal, by Box–Muller (the cosine half).
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform_nonzero(), self.uniform_nonzero());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
     /// Uniform in `lo..hi` (hi exclusive, hi > lo).
@@ -45,11 +57,16 @@ impl SplitMix {
     }
 }
 
-/// The permutation of `0..n` for `epoch` under `seed`: the data order of every run with the
-/// same seed, so that a resumed run reads the same batches.
-pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..n).collect();
-    let mut rng = SplitMix::new(seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F).wrapping_add(0x1234_5678));
-    rng.shuffle(&mut idx);
-    idx
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_normal_has_unit_spread() {
+        let mut r = SplitMix::new(1);
+        let xs: Vec<f64> = (0..20000).map(|_| r.normal()).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+    }
 }

@@ -1,0 +1,38 @@
+//! The device binary: captions images and runs the camera-to-MQTT daemon with the tract runtime.
+
+mod args;
+#[path = "../common/generation.rs"]
+mod generation;
+
+use args::{Cli, Command};
+use clap::Parser;
+use vitgpt2::{bench, commands, daemon};
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match &cli.command {
+        Command::Caption(a) => {
+            commands::init_logging("warn");
+            commands::caption(&a.into()).map_err(|e| e.to_string())
+        }
+        Command::Run(a) => {
+            daemon::init_logging(&a.config);
+            daemon::run(&a.into())
+        }
+        Command::CheckConfig(a) => {
+            commands::init_logging("warn");
+            daemon::check_config(&a.into())
+        }
+        Command::Bench(a) => {
+            commands::init_logging("warn");
+            bench::bench_command(&a.into()).map_err(|e| e.to_string())
+        }
+    };
+    match code {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
+}

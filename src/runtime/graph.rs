@@ -1,0 +1,242 @@
+//! One ONNX graph in tract: loaded, checked against the inputs and outputs the bundle contract
+//! expects, optimized once (symbolic batch and past lengths, so one plan serves every step) and
+//! run by name.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tract_hir::infer::Factoid;
+use tract_onnx::prelude::*;
+
+use crate::error::{chain, Error, Result};
+
+/// One ONNX graph, optimized and ready to run, with its input and output names in order.
+pub struct Graph {
+    path: PathBuf,
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+/// The shape and type a graph input must have.
+pub struct InputSpec {
+    pub name: String,
+    pub dtype: DatumType,
+    pub shape: Vec<TDim>,
+}
+
+impl InputSpec {
+    pub fn new(name: impl Into<String>, dtype: DatumType, shape: Vec<TDim>) -> Self {
+        InputSpec { name: name.into(), dtype, shape }
+    }
+}
+
+/// Per-op (or per-node) times of one run: `(op or node description, ms, nodes)`, slowest first.
+pub type OpTimes = Vec<(String, f64, usize)>;
+
+impl Graph {
+    /// Loads and validates an ONNX graph: it must have exactly the inputs `specs` (any order)
+    /// and at least the outputs `outputs`. `specs` is built from the model's own symbol table.
+    pub fn load(
+        path: &Path,
+        specs: impl FnOnce(&InferenceModel) -> Vec<InputSpec>,
+        outputs: &[String],
+    ) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::bundle(path, "missing file"));
+        }
+        let mut model = tract_onnx::onnx()
+            .with_ignore_value_info(true)
+            .model_for_path(path)
+            .map_err(|e| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {}", chain(&e))))?;
+        let specs = specs(&model);
+        let input_names: Vec<String> = model
+            .input_outlets()
+            .map_err(|e| Error::bundle(path, chain(&e)))?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect();
+        let output_names: Vec<String> = model
+            .output_outlets()
+            .map_err(|e| Error::bundle(path, chain(&e)))?
+            .iter()
+            .map(|o| model.outlet_label(*o).map(String::from).unwrap_or_else(|| model.node(o.node).name.clone()))
+            .collect();
+        let missing: Vec<&str> =
+            specs.iter().map(|s| s.name.as_str()).filter(|n| !input_names.iter().any(|i| i == n)).collect();
+        let unexpected: Vec<&str> =
+            input_names.iter().map(|s| s.as_str()).filter(|n| !specs.iter().any(|s| s.name == *n)).collect();
+        if !missing.is_empty() || !unexpected.is_empty() {
+            return Err(Error::bundle(
+                path,
+                format!(
+                    "wrong inputs: missing {missing:?}, unexpected {unexpected:?} (the graph has {input_names:?}); is this the right graph of an Optimum image-to-text-with-past export?"
+                ),
+            ));
+        }
+        let missing_out: Vec<&str> =
+            outputs.iter().map(|s| s.as_str()).filter(|n| !output_names.iter().any(|o| o == n)).collect();
+        if !missing_out.is_empty() {
+            return Err(Error::bundle(path, format!("wrong outputs: missing {missing_out:?} (the graph has {output_names:?})")));
+        }
+        for (ix, name) in input_names.iter().enumerate() {
+            let spec = specs.iter().find(|s| &s.name == name).ok_or_else(|| Error::bundle(path, "input vanished"))?;
+            let declared = model.input_fact(ix).map_err(|e| Error::bundle(path, chain(&e)))?.clone();
+            check_declared_shape(path, name, &declared, &spec.shape)?;
+            let fact = InferenceFact::dt_shape(spec.dtype, spec.shape.clone());
+            model.set_input_fact(ix, fact).map_err(|e| Error::bundle(path, chain(&e)))?;
+        }
+        let mut typed = model
+            .into_optimized()
+            .map_err(|e| Error::bundle(path, format!("shapes or operators do not fit this model's config.json: {}", chain(&e))))?;
+        fold_constant_packs(&mut typed).map_err(|e| Error::bundle(path, chain(&e)))?;
+        let plan = typed.into_runnable().map_err(|e| Error::bundle(path, chain(&e)))?;
+        Ok(Graph { path: path.to_path_buf(), plan, inputs: input_names, outputs: output_names })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs the graph once with named inputs, timing every node: `(op, ms, nodes)` summed by
+    /// op name (or per node, with its description, when `by_node`), slowest first
+    /// (`vitgpt2-node bench --profile [--by-node]`).
+    pub fn profile(&self, named: Vec<(&str, TValue)>, by_node: bool) -> Result<OpTimes> {
+        let inputs = self.ordered("profile", named)?;
+        let mut by_op: std::collections::HashMap<String, (f64, usize)> = Default::default();
+        let mut state = tract_onnx::tract_core::plan::SimpleState::new(&self.plan).map_err(|e| Error::runtime("profile", chain(&e)))?;
+        state
+            .run_plan_with_eval(inputs, |ctx, st, node, input| {
+                let t = std::time::Instant::now();
+                let r = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
+                let key = if by_node {
+                    // Node name and tract's own description (for matmuls: shape and kernel).
+                    format!("{} {} {}", node.op().name(), node.name, node.op().info().unwrap_or_default().join("; "))
+                } else {
+                    node.op().name().to_string()
+                };
+                let e = by_op.entry(key).or_default();
+                e.0 += t.elapsed().as_secs_f64() * 1e3;
+                e.1 += 1;
+                r
+            })
+            .map_err(|e| Error::runtime("profile", chain(&e)))?;
+        let mut v: Vec<(String, f64, usize)> = by_op.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
+        v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
+        Ok(v)
+    }
+
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Runs the graph with named inputs; returns the outputs in the graph's order.
+    pub fn run(&self, stage: &str, named: Vec<(&str, TValue)>) -> Result<TVec<TValue>> {
+        let inputs = self.ordered(stage, named)?;
+        self.plan.run(inputs).map_err(|e| Error::runtime(stage, chain(&e)))
+    }
+
+    /// Named values in the graph's input order.
+    fn ordered(&self, stage: &str, mut named: Vec<(&str, TValue)>) -> Result<TVec<TValue>> {
+        let mut inputs: TVec<TValue> = tvec!();
+        for name in &self.inputs {
+            let pos = named
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| Error::runtime(stage, format!("no value for input `{name}`")))?;
+            inputs.push(named.swap_remove(pos).1);
+        }
+        Ok(inputs)
+    }
+
+    /// Errors when the last dimension of output `name` is known and is not `expected`
+    /// (`what` words the message: "logits have N {what} M").
+    pub fn check_last_dim(&self, name: &str, expected: usize, what: &str) -> Result<()> {
+        let idx = self.output_index(name)?;
+        let fact = self.plan.model().output_fact(idx).map_err(|e| Error::bundle(&self.path, chain(&e)))?;
+        if let Some(Ok(v)) = fact.shape.iter().last().map(|d| d.to_i64()) {
+            if v as usize != expected {
+                return Err(Error::bundle(&self.path, format!("{name} have {v} {what} {expected}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The position of output `name` in what [`Self::run`] returns.
+    pub fn output_index(&self, name: &str) -> Result<usize> {
+        self.outputs
+            .iter()
+            .position(|o| o == name)
+            .ok_or_else(|| Error::bundle(&self.path, format!("no output `{name}`")))
+    }
+}
+
+/// Packs every constant matrix operand once, at load.
+///
+/// tract's constant folding skips a node whose constant input is larger than 4 MiB and has
+/// several consumers (so as not to duplicate big weights); a weight that also feeds a Gather
+/// (the tied token embedding / LM head) therefore stayed unpacked and was repacked at every
+/// call (38 MB for GPT-2's int8 LM head). This folds the remaining `OptMatMulPack` nodes with
+/// constant inputs: same results, one packed copy in memory.
+pub fn fold_constant_packs(model: &mut TypedModel) -> TractResult<usize> {
+    let mut folded = 0;
+    let mut skip = std::collections::HashSet::new();
+    loop {
+        let mut target = None;
+        for id in model.eval_order()? {
+            let node = model.node(id);
+            if node.op().name() == "OptMatMulPack"
+                && !skip.contains(&id)
+                && model.node_input_facts(id)?.iter().all(|f| f.konst.is_some())
+            {
+                target = Some(id);
+                break;
+            }
+        }
+        let Some(id) = target else { break };
+        let inputs: TVec<TValue> =
+            model.node_input_facts(id)?.iter().map(|f| f.konst.clone().unwrap().into_tvalue()).collect();
+        let node = model.node(id);
+        match node.op.eval_out_of_plan(inputs)? {
+            Some(out) if out.len() == 1 => {
+                let mut patch = TypedModelPatch::default();
+                let exotic = model.outlet_fact(OutletId::new(id, 0))?.exotic_fact.clone();
+                let konst = tract_onnx::tract_core::ops::konst::Const::new_with_opt_exotic_fact(out[0].clone().into_arc_tensor(), exotic)?;
+                let wire = patch.wire_node(format!("{}.folded", node.name), konst, &[])?[0];
+                patch.shunt_outside(model, id.into(), wire)?;
+                patch.apply(model)?;
+                model.compact()?;
+                folded += 1;
+                skip.clear();
+            }
+            _ => {
+                skip.insert(id);
+            }
+        }
+    }
+    Ok(folded)
+}
+
+/// Compares the dims an ONNX file declares for an input with what config.json implies.
+fn check_declared_shape(path: &Path, name: &str, declared: &InferenceFact, expected: &[TDim]) -> Result<()> {
+    let Some(dims) = declared.shape.concretize() else { return Ok(()) };
+    if dims.is_empty() {
+        // No shape information at all in the file.
+        return Ok(());
+    }
+    let mismatch = dims.len() != expected.len()
+        || dims.iter().zip(expected).any(|(d, e)| match (d.to_i64(), e.to_i64()) {
+            (Ok(a), Ok(b)) => a != b,
+            _ => false,
+        });
+    if mismatch {
+        return Err(Error::bundle(
+            path,
+            format!(
+                "input `{name}` has shape {dims:?} in the graph but config.json implies {expected:?}: graph and config.json do not belong together"
+            ),
+        ));
+    }
+    Ok(())
+}
+
