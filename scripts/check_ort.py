@@ -62,14 +62,39 @@ def fast_logits(bundle, suffix, pixels, tokens):
     return np.stack(result)
 
 
+def graph_path(bundle, name):
+    """`name` under onnx/ (where the exporter writes Optimum's layout, as transformers.js wants) or at the root."""
+    for p in (os.path.join(bundle, "onnx", name), os.path.join(bundle, name)):
+        if os.path.exists(p):
+            return p
+    return None
+
+
 def optimum_logits(bundle, pixels, prefix):
-    enc = session(os.path.join(bundle, "encoder_model.onnx"))
-    dec = session(os.path.join(bundle, "decoder_model.onnx"))
+    enc = session(graph_path(bundle, "encoder_model.onnx"))
+    dec = session(graph_path(bundle, "decoder_model.onnx"))
     hidden = enc.run(None, {"pixel_values": pixels})[0]
     names = [i.name for i in dec.get_inputs()]
     feed = {"input_ids": np.array([prefix], np.int64), "encoder_hidden_states": hidden}
     feed = {k: v for k, v in feed.items() if k in names}
     return dec.run(["logits"], feed)[0][0]
+
+
+def merged_logits(bundle, pixels, prefix):
+    """decoder_model_merged as transformers.js drives it: an empty past at the first step, then one
+    token at a time with the past it returned. Returns [len(prefix), vocab]."""
+    enc = session(graph_path(bundle, "encoder_model.onnx"))
+    dec = session(graph_path(bundle, "decoder_model_merged.onnx"))
+    hidden = enc.run(None, {"pixel_values": pixels})[0]
+    past_inputs = [i for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs}
+    out_names = [o.name for o in dec.get_outputs()]
+    result = []
+    for tok in prefix:
+        o = dict(zip(out_names, dec.run(None, {"input_ids": np.array([[tok]], np.int64), "encoder_hidden_states": hidden, **past})))
+        result.append(o["logits"][0, -1])
+        past = {n: o[n.replace("past_key_values.", "present.")] for n in past}
+    return np.stack(result)
 
 
 def main():
@@ -86,10 +111,11 @@ def main():
     summary = {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
 
     checked = []
-    for name in sorted(os.listdir(a.bundle)):
-        if name.endswith(".onnx"):
-            onnx.checker.check_model(os.path.join(a.bundle, name), full_check=True)
-            checked.append(name)
+    for folder in (a.bundle, os.path.join(a.bundle, "onnx")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if name.endswith(".onnx"):
+                onnx.checker.check_model(os.path.join(folder, name), full_check=True)
+                checked.append(os.path.relpath(os.path.join(folder, name), a.bundle))
     print(f"onnx.checker (full): {len(checked)} graphs OK: {', '.join(checked)}")
     summary["checked"] = checked
 
@@ -108,7 +134,7 @@ def main():
         summary[f"fast_{form}_max_diff"] = diff
         summary[f"fast_{form}_argmax_agree"] = [same, total]
 
-    if "fp32" in ref and os.path.exists(os.path.join(a.bundle, "decoder_model.onnx")):
+    if "fp32" in ref and graph_path(a.bundle, "decoder_model.onnx"):
         prefix = [step[0] for step in ref["fp32"]["tokens"]]
         want = np.array([step[0] for step in ref["fp32"]["logits"]], np.float32)
         got = optimum_logits(a.bundle, pixels, prefix)
@@ -117,6 +143,16 @@ def main():
         ok &= good
         print(f"optimum layout fp32: decoder_model on {len(prefix)} tokens vs tract's fast-layout steps: max diff {diff:.2e}: {'OK' if good else 'FAIL'}")
         summary["optimum_fp32_max_diff"] = diff
+
+    if "fp32" in ref and graph_path(a.bundle, "decoder_model_merged.onnx"):
+        prefix = [step[0] for step in ref["fp32"]["tokens"]]
+        want = np.array([step[0] for step in ref["fp32"]["logits"]], np.float32)
+        got = merged_logits(a.bundle, pixels, prefix)
+        diff = float(np.abs(got - want).max())
+        good = diff <= a.tol
+        ok &= good
+        print(f"optimum merged fp32: decoder_model_merged step by step from an empty past vs tract's steps: max diff {diff:.2e}: {'OK' if good else 'FAIL'}")
+        summary["optimum_merged_fp32_max_diff"] = diff
 
     summary["ok"] = bool(ok)
     print(json.dumps(summary))

@@ -9,10 +9,10 @@ use std::time::Instant;
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::bundle::{Bundle, GraphFiles, Precision};
+use crate::bundle::{Bundle, DtypeChoice, GraphLayout};
 use crate::error::{Error, Result};
 use crate::generate::{DecoderSession, GenerationOverrides};
-use crate::runtime::{self, FastRuntime, LoadOptions};
+use crate::runtime::{self, FastRuntime, LoadOptions, OnnxFile};
 
 /// What `vitgpt2-node bench` measures.
 #[derive(Debug, Clone)]
@@ -21,7 +21,9 @@ pub struct BenchOptions {
     pub model: PathBuf,
     /// Thread counts to measure, in order.
     pub threads: Vec<usize>,
-    pub precision: Precision,
+    pub dtype: DtypeChoice,
+    /// Only this layout (`None`: the best the bundle has).
+    pub layout: Option<GraphLayout>,
     /// Repetitions of each measurement (the median is reported).
     pub reps: usize,
     /// Past lengths at which one decoder step is timed.
@@ -47,12 +49,11 @@ pub struct ProfileOptions {
 /// `--profile`: per-op times of the fast layout's graphs (encoder, one decoder step at past 16).
 pub fn profile(args: &BenchOptions, p: ProfileOptions) -> Result<()> {
     runtime::set_threads(args.threads.first().copied().unwrap_or(1));
-    let bundle = Bundle::open(&args.model, args.precision)?;
-    let GraphFiles::Fast { encoder, decoder_step, .. } = &bundle.graphs else {
-        return Err(Error::setting("--profile", "needs a bundle with the fast layout"));
-    };
-    let dtype = if bundle.graphs.quantized() { "int8" } else { "fp32" };
-    let rt = FastRuntime::load(&bundle.assets, encoder, decoder_step, dtype)?;
+    let bundle = Bundle::open(&args.model, args.dtype, Some(GraphLayout::Fast))
+        .map_err(|e| Error::setting("--profile", format!("needs a bundle with the fast layout: {e}")))?;
+    let set = &bundle.candidates[0];
+    let (enc, dec) = (OnnxFile::open(&set.files[0])?, OnnxFile::open(&set.files[1])?);
+    let rt = FastRuntime::load(&bundle.assets, &enc, &dec, set.dtype)?;
     let side = bundle.assets.preprocess.size.width;
     let pixels = bundle.assets.preprocess.pixel_values(&test_image(side as u32));
     for (what, v) in rt.profile(pixels, 16, p.by_node)? {
@@ -80,7 +81,8 @@ pub struct ThreadResult {
 pub struct BenchReport {
     pub model: String,
     pub graphs: String,
-    pub quantized: bool,
+    /// The weight form that ran (`fp32`, `int8`, `q8`, …).
+    pub dtype: String,
     pub load_ms: f64,
     pub tokens: usize,
     pub results: Vec<ThreadResult>,
@@ -118,7 +120,7 @@ pub fn test_image(side: u32) -> RgbImage {
 pub fn bench(args: &BenchOptions) -> Result<BenchReport> {
     let reps = args.reps.max(1);
     let first = args.threads.first().copied().unwrap_or(1);
-    let cap = runtime::open(&args.model, &LoadOptions { precision: args.precision, threads: first })?;
+    let cap = runtime::open(&args.model, &LoadOptions { dtype: args.dtype, layout: args.layout, threads: first })?;
     let load_ms = cap.load_ms;
     let side = cap.assets().preprocess.size.width as u32;
     let img = test_image(side.max(1));
@@ -188,7 +190,7 @@ pub fn bench(args: &BenchOptions) -> Result<BenchReport> {
     Ok(BenchReport {
         model: args.model.display().to_string(),
         graphs: cap.engine().describe(),
-        quantized: cap.engine().dtype() != "fp32",
+        dtype: cap.engine().dtype().to_string(),
         load_ms,
         tokens: args.tokens,
         results,
@@ -206,7 +208,7 @@ pub fn bench_command(args: &BenchOptions) -> Result<i32> {
         println!("{}", serde_json::to_string(&r).map_err(|e| Error::serialize("the bench report", e))?);
         return Ok(0);
     }
-    println!("model: {} ({})", r.model, if r.quantized { "int8" } else { "fp32" });
+    println!("model: {} ({})", r.model, r.dtype);
     println!("graphs: {}", r.graphs);
     println!("load: {:.0} ms", r.load_ms);
     for t in &r.results {

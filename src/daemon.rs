@@ -178,7 +178,7 @@ pub fn run(args: &RunOptions) -> Result<i32, String> {
     if !spool.is_empty() {
         tracing::info!(spool = spool.len(), dir = %cfg.spool.dir.display(), "spool holds captions from an earlier run: they go first");
     }
-    let captioner = runtime::open(&cfg.model.dir, &LoadOptions { precision: cfg.model.precision, threads: cfg.model.threads })
+    let captioner = runtime::open(&cfg.model.dir, &LoadOptions { dtype: cfg.dtype(), layout: None, threads: cfg.model.threads })
         .map_err(|e| e.to_string())?;
     let gen = gen_over.apply(captioner.generation_config()).map_err(|e| e.to_string())?;
     let model = ModelInfo {

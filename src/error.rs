@@ -12,6 +12,11 @@ pub enum Error {
     #[error("model bundle: {}: {msg}", path.display())]
     Bundle { path: PathBuf, msg: String },
 
+    /// A graph of a bundle uses an operator (or an operator's form) this node cannot run; other
+    /// graph sets of the bundle may.
+    #[error("model bundle: {}: {msg}", path.display())]
+    Unsupported { path: PathBuf, msg: String },
+
     /// A file of a training checkpoint (config.json, weights, tokenizer) is missing, unreadable or
     /// does not match the model.
     #[error("checkpoint: {}: {msg}", path.display())]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::bundle::Precision;
+use crate::bundle::{DtypeChoice, Precision};
 use crate::generate::GenerationOverrides;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,8 +59,12 @@ pub struct ModelSection {
     pub id: Option<String>,
     #[serde(default = "one")]
     pub threads: usize,
+    /// The older spelling of `dtype`: auto, fp32 or int8 (any 8-bit form).
     #[serde(default, deserialize_with = "precision")]
-    pub precision: Precision,
+    pub precision: Option<Precision>,
+    /// Which graphs to run: auto, fp32, fp16, q8, int8, uint8, q4… (transformers.js's dtypes).
+    #[serde(default, deserialize_with = "dtype")]
+    pub dtype: Option<DtypeChoice>,
     #[serde(default)]
     pub generation: GenerationOverrides,
 }
@@ -365,8 +369,11 @@ fn custom<E: serde::de::Error>(msg: impl std::fmt::Display) -> E {
     E::custom(msg)
 }
 
-fn precision<'de, D: Deserializer<'de>>(d: D) -> Result<Precision, D::Error> {
-    String::deserialize(d)?.parse().map_err(custom)
+fn precision<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Precision>, D::Error> {
+    String::deserialize(d)?.parse().map(Some).map_err(custom)
+}
+fn dtype<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DtypeChoice>, D::Error> {
+    String::deserialize(d)?.parse().map(Some).map_err(custom)
 }
 fn positive_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let v = u64::deserialize(d)?;
@@ -519,6 +526,9 @@ impl NodeConfig {
                 return e("mqtt.tls.client_key", "client_cert and client_key go together: give both or neither");
             }
         }
+        if self.model.dtype.is_some() && self.model.precision.is_some() {
+            return e("model.precision", "give either model.dtype or the older model.precision, not both");
+        }
         if let Some(id) = &self.model.id {
             if id.trim().is_empty() {
                 return e("model.id", "must not be empty");
@@ -563,6 +573,11 @@ impl NodeConfig {
                 fix(p);
             }
         }
+    }
+
+    /// The graphs `model.dtype` (or the older `model.precision`) asks for.
+    pub fn dtype(&self) -> DtypeChoice {
+        self.model.dtype.or(self.model.precision.map(DtypeChoice::from)).unwrap_or_default()
     }
 
     /// Topic for one kind of message: `<prefix>/<device_id>/<leaf>`.

@@ -9,7 +9,9 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::error::{Error, Result};
+use crate::assets::SpecialTokens;
+use crate::bundle::contract;
+use crate::error::{write_atomic, write_json, Error, Result};
 
 /// GPT-2 French special tokens: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3.
 pub const DEFAULT_SPECIAL_TOKENS: [&str; 4] = ["<s>", "<pad>", "</s>", "<unk>"];
@@ -95,6 +97,61 @@ impl CaptionTokenizer {
             .decode(&kept, true)
             .map_err(|e| Error::bundle(&self.source, format!("cannot decode ids {kept:?}: {e}")))?;
         Ok(if self.clean_up_spaces { clean_up_tokenization(&text) } else { text })
+    }
+
+    /// Writes the tokenizer files `dir` lacks, so that transformers (fast and slow tokenizers) and
+    /// transformers.js all load the folder: `tokenizer.json`, `vocab.json` + `merges.txt` (from
+    /// the BPE model), `tokenizer_config.json` and `special_tokens_map.json` naming `special`'s
+    /// tokens. Files already there are kept. Returns the names written.
+    pub fn complete_files(&self, dir: &Path, special: &SpecialTokens, model_max_length: usize) -> Result<Vec<String>> {
+        let mut written = Vec::new();
+        let missing = |name: &str| !dir.join(name).is_file();
+        if missing(contract::TOKENIZER_JSON) {
+            let p = dir.join(contract::TOKENIZER_JSON);
+            self.inner.save(&p, true).map_err(|e| Error::bundle(&p, format!("cannot write: {e}")))?;
+            written.push(contract::TOKENIZER_JSON.to_string());
+        }
+        if missing(contract::VOCAB_JSON) || missing(contract::MERGES_TXT) {
+            let json = self.inner.to_string(false).map_err(|e| Error::serialize("the tokenizer", e))?;
+            let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| Error::serialize("the tokenizer", e))?;
+            let model = &v["model"];
+            if model["type"] == "BPE" {
+                write_json(&dir.join(contract::VOCAB_JSON), &model["vocab"])?;
+                // merges are "a b" strings (tokenizers < 0.20) or [a, b] pairs.
+                let mut text = String::from("#version: 0.2\n");
+                for m in model["merges"].as_array().into_iter().flatten() {
+                    match (m.as_str(), m.as_array()) {
+                        (Some(s), _) => text.push_str(s),
+                        (None, Some(pair)) => text.push_str(&pair.iter().filter_map(|p| p.as_str()).collect::<Vec<_>>().join(" ")),
+                        _ => continue,
+                    }
+                    text.push('\n');
+                }
+                write_atomic(&dir.join(contract::MERGES_TXT), text.as_bytes())?;
+                written.extend([contract::VOCAB_JSON.to_string(), contract::MERGES_TXT.to_string()]);
+            }
+        }
+        let name = |id: u32| self.inner.id_to_token(id);
+        let names = serde_json::json!({
+            "bos_token": name(special.bos.unwrap_or(special.decoder_start)),
+            "eos_token": name(special.eos()),
+            "pad_token": name(special.pad),
+            "unk_token": self.inner.token_to_id("<unk>").and_then(name),
+        });
+        if missing(contract::TOKENIZER_CONFIG) {
+            let mut cfg = names.clone();
+            cfg["tokenizer_class"] = "GPT2Tokenizer".into();
+            cfg["add_prefix_space"] = false.into();
+            cfg["clean_up_tokenization_spaces"] = self.clean_up_spaces.into();
+            cfg["model_max_length"] = model_max_length.into();
+            write_json(&dir.join(contract::TOKENIZER_CONFIG), &cfg)?;
+            written.push(contract::TOKENIZER_CONFIG.to_string());
+        }
+        if missing(contract::SPECIAL_TOKENS_MAP) {
+            write_json(&dir.join(contract::SPECIAL_TOKENS_MAP), &names)?;
+            written.push(contract::SPECIAL_TOKENS_MAP.to_string());
+        }
+        Ok(written)
     }
 
     /// The underlying Hugging Face tokenizer (for training pipelines).

@@ -9,7 +9,7 @@ use vitgpt2::bundle::Precision;
 use vitgpt2::runtime::{self, LoadOptions};
 
 fn load_err(dir: &Path, precision: Precision) -> String {
-    match runtime::open(dir, &LoadOptions { precision, threads: 1 }) {
+    match runtime::open(dir, &LoadOptions { dtype: precision.into(), threads: 1, ..Default::default() }) {
         Ok(_) => panic!("bundle {} loaded but should not", dir.display()),
         Err(e) => {
             let msg = e.to_string();
@@ -159,7 +159,7 @@ fn int8_asked_but_absent() {
 
 #[test]
 fn bad_images_are_named() {
-    let c = runtime::open(&fixtures().join("tiny-vit-gpt2"), &LoadOptions { precision: Precision::Fp32, threads: 1 }).unwrap();
+    let c = runtime::open(&fixtures().join("tiny-vit-gpt2"), &LoadOptions { dtype: Precision::Fp32.into(), threads: 1, ..Default::default() }).unwrap();
     let gen = c.generation_config().clone();
     for (name, expect) in [
         ("bad_truncated.jpg", "truncated JPEG"),

@@ -80,3 +80,35 @@ fn threads_flag_gives_the_same_caption() {
     };
     assert_eq!(run("1"), run("2"));
 }
+
+/// `--dtype` picks the graphs by transformers.js's suffixes; `--json` says which ran; the older
+/// `--precision int8` still works (any 8-bit form); a bad dtype is a usage error.
+#[test]
+fn dtype_flag_and_the_graphs_that_ran() {
+    let bundle = fixtures().join("interop/optimum-all");
+    let image = fixtures().join("interop/images/c_100x80.png");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("interop/reference.json")).unwrap()).unwrap();
+    let out = node().args(["caption", "--json", "--dtype", "uint8", "--model"]).arg(&bundle).arg(&image).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["dtype"], "uint8");
+    assert_eq!(line["graphs"], serde_json::json!(["onnx/encoder_model_uint8.onnx", "onnx/decoder_model_merged_uint8.onnx"]));
+    assert_eq!(line["tokens"], r["onnxruntime"]["uint8"]["greedy"]["c_100x80.png"]["tokens"]);
+
+    let out = node().args(["caption", "--json", "--precision", "int8", "--model"]).arg(fixtures().join("tiny-vit-gpt2")).arg(&image).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["dtype"], "q8", "the bundle's only 8-bit form");
+
+    let out = node().args(["caption", "--dtype", "int4", "--model"]).arg(&bundle).arg(&image).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("int4") && err.contains("q8"), "{err}");
+
+    let out = node().args(["describe", "--json", "--model"]).arg(&bundle).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dtypes: Vec<&str> = d["graph_sets"].as_array().unwrap().iter().map(|s| s["dtype"].as_str().unwrap()).collect();
+    assert_eq!(dtypes, ["q8", "int8", "uint8", "fp32", "fp16", "q4"]);
+    assert_eq!(d["auto"]["dtype"], "q8");
+}

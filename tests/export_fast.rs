@@ -4,6 +4,8 @@
 //! load and caption.
 #![cfg(feature = "host")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -23,11 +25,13 @@ fn root() -> PathBuf {
 
 fn export(ckpt: &Path, layout: Layout, int8: bool) -> tempfile::TempDir {
     let (model, _) = VisionEncoderDecoder::from_checkpoint(ckpt, &Device::Cpu).expect("load checkpoint");
-    let dir = tempfile::tempdir().unwrap();
+    // No leading dot: transformers.js resolves model ids as paths and drops it.
+    let dir = tempfile::Builder::new().prefix("vitgpt2-bundle-").tempdir().unwrap();
     let opts = ExportOptions { out: dir.path().to_path_buf(), layout, fp32: true, int8 };
     let files = export_bundle(&model, ckpt, &opts, serde_json::json!({"test": true})).expect("export");
     assert_eq!(files.iter().any(|f| f.file == "encoder_fast.onnx"), layout != Layout::Optimum);
-    assert_eq!(files.iter().any(|f| f.file == "decoder_with_past_model.onnx"), layout != Layout::Fast);
+    assert_eq!(files.iter().any(|f| f.file == "onnx/decoder_with_past_model.onnx"), layout != Layout::Fast);
+    assert_eq!(files.iter().any(|f| f.file == "onnx/decoder_model_merged.onnx"), layout != Layout::Fast);
     assert!(dir.path().join("manifest.json").is_file());
     dir
 }
@@ -67,7 +71,7 @@ fn greedy_logits_diff(cap: &Captioner, host: &VisionEncoderDecoder, image: &Path
 
 fn check_checkpoint(ckpt: &Path, layout: Layout) {
     let dir = export(ckpt, layout, true);
-    let cap = runtime::open(dir.path(), &LoadOptions { precision: Precision::Fp32, threads: 1 }).expect("load fp32 bundle");
+    let cap = runtime::open(dir.path(), &LoadOptions { dtype: Precision::Fp32.into(), threads: 1, ..Default::default() }).expect("load fp32 bundle");
     let layout_name = if layout == Layout::Optimum { "optimum layout" } else { "fast layout" };
     assert!(cap.engine().describe().starts_with(layout_name), "{}", cap.engine().describe());
     assert_eq!(cap.engine().dtype(), "fp32");
@@ -86,9 +90,22 @@ fn check_checkpoint(ckpt: &Path, layout: Layout) {
             assert_eq!(t.tokens, h.tokens, "{name}, {beams} beams");
         }
     }
+    // The merged decoder the Optimum layout also writes (for transformers.js) gives the same tokens.
+    if layout == Layout::Optimum {
+        let o = LoadOptions { dtype: Precision::Fp32.into(), layout: Some(vitgpt2::bundle::GraphLayout::OptimumMerged), threads: 1 };
+        let merged = runtime::open(dir.path(), &o).expect("load the merged decoder");
+        assert!(merged.engine().describe().starts_with("optimum merged layout"));
+        for name in IMAGES {
+            let img = vitgpt2::preprocess::load_image(&root().join("tests/fixtures/images").join(name)).unwrap();
+            for beams in [1, 3] {
+                let gen = GenerationOverrides { num_beams: Some(beams), ..Default::default() }.apply(cap.generation_config()).unwrap();
+                assert_eq!(merged.caption_image(&img, &gen).unwrap().tokens, host.caption_image(&img, &gen).unwrap().tokens, "merged {name} {beams}");
+            }
+        }
+    }
     // int8: chosen by default (Auto), runs, and mostly agrees with fp32.
     let q = runtime::open(dir.path(), &LoadOptions::default()).expect("load int8 bundle");
-    assert_eq!(q.engine().dtype(), "int8");
+    assert_eq!(q.engine().dtype(), if layout == Layout::Optimum { "q8" } else { "int8" }, "8-bit graphs chosen by default");
     let mut same = 0;
     for name in IMAGES {
         let img = vitgpt2::preprocess::load_image(&root().join("tests/fixtures/images").join(name)).unwrap();
@@ -127,7 +144,8 @@ fn bench_reports_every_figure() {
     let args = vitgpt2::bench::BenchOptions {
         model: dir.path().to_path_buf(),
         threads: vec![1, 2],
-        precision: Precision::Int8,
+        dtype: Precision::Int8.into(),
+        layout: None,
         reps: 1,
         past: vec![1, 8],
         tokens: 8,
@@ -135,7 +153,7 @@ fn bench_reports_every_figure() {
         profile: None,
     };
     let r = vitgpt2::bench::bench(&args).unwrap();
-    assert!(r.quantized);
+    assert_eq!(r.dtype, "int8");
     assert_eq!(r.results.len(), 2);
     for t in &r.results {
         assert!(t.encoder_ms > 0.0 && t.greedy_caption_ms > 0.0 && t.beam4_caption_ms > 0.0);
@@ -159,14 +177,14 @@ fn bench_reports_every_figure() {
 fn onnxruntime_agrees_with_tract() {
     let Some(python) = std::env::var_os("VITGPT2_PYTHON") else {
         assert!(std::env::var_os("CI").is_none(), "CI must set VITGPT2_PYTHON (a Python with onnx, onnxruntime, numpy)");
-        eprintln!("skipped: set VITGPT2_PYTHON to a Python with onnx, onnxruntime and numpy to run this check");
+        common::skipped("onnxruntime_agrees_with_tract", "set VITGPT2_PYTHON to a Python with onnx, onnxruntime and numpy to run this check");
         return;
     };
     let dir = export(&root().join("tests/fixtures/candle/ved"), Layout::Both, true);
     let img = vitgpt2::preprocess::load_image(&root().join("tests/fixtures/images/street.jpg")).unwrap();
     let mut report = serde_json::Map::new();
     for (form, precision) in [("fp32", Precision::Fp32), ("int8", Precision::Int8)] {
-        let cap = runtime::open(dir.path(), &LoadOptions { precision, threads: 1 }).expect("load bundle");
+        let cap = runtime::open(dir.path(), &LoadOptions { dtype: precision.into(), threads: 1, ..Default::default() }).expect("load bundle");
         assert!(cap.engine().describe().starts_with("fast layout"));
         let pixels = cap.pixel_values(&img);
         if form == "fp32" {
@@ -206,4 +224,47 @@ fn onnxruntime_agrees_with_tract() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{text}");
     assert!(out.status.success(), "scripts/check_ort.py failed:\n{text}");
+}
+
+/// transformers.js (npm `@huggingface/transformers`, pinned in tests/js) loads what `export
+/// --layout optimum` writes — configs and tokenizer at the root, `onnx/encoder_model*.onnx` +
+/// `onnx/decoder_model_merged*.onnx` — and its greedy tokens are transformers' (fp32) and the
+/// node's on the same q8 graphs. Images at the model's size (transformers.js resizes with sharp,
+/// whose pixels differ from PIL's; at 32×32 nothing is resized).
+///
+/// Needs Node and `npm ci --ignore-scripts` in tests/js (CI does both); without them the test
+/// says it skipped, except under `CI`, where it fails.
+#[test]
+fn transformers_js_loads_the_optimum_export() {
+    let js = root().join("tests/js");
+    let node = std::env::var_os("VITGPT2_NODE").unwrap_or_else(|| "node".into());
+    let ready = js.join("node_modules/@huggingface/transformers").is_dir()
+        && std::process::Command::new(&node).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ready {
+        assert!(std::env::var_os("CI").is_none(), "CI must install Node and run `npm ci --ignore-scripts` in tests/js");
+        common::skipped("transformers_js_loads_the_optimum_export", "install Node 20 and run `npm ci --ignore-scripts` in tests/js to run this check");
+        return;
+    }
+    let dir = export(&root().join("tests/fixtures/tiny-vit-gpt2"), Layout::Optimum, true);
+    let interop = root().join("tests/fixtures/interop");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(interop.join("reference.json")).unwrap()).unwrap();
+    let names: Vec<String> = r["images"].as_object().unwrap().keys().cloned().collect();
+    let images: Vec<PathBuf> = names.iter().map(|n| interop.join(r["images"][n]["resized32"].as_str().unwrap())).collect();
+    for (dtype, node_dtype) in [("fp32", "fp32"), ("q8", "q8")] {
+        let out = std::process::Command::new(&node).arg(js.join("caption.mjs")).arg(dir.path()).arg(dtype).args(&images).output().unwrap();
+        assert!(out.status.success(), "transformers.js {dtype}: {}", String::from_utf8_lossy(&out.stderr));
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), images.len());
+        let cap = runtime::open(dir.path(), &LoadOptions { dtype: node_dtype.parse().unwrap(), layout: Some(vitgpt2::bundle::GraphLayout::OptimumMerged), threads: 1 }).unwrap();
+        for ((name, image), line) in names.iter().zip(&images).zip(&lines) {
+            let js_tokens: Vec<u32> = serde_json::from_value(line["tokens"].clone()).unwrap();
+            let ours = cap.caption_file(image, cap.generation_config()).unwrap();
+            assert_eq!(js_tokens, ours.tokens, "{dtype} {name}: transformers.js vs the node on the same graphs");
+            if dtype == "fp32" {
+                let torch: Vec<u32> = serde_json::from_value(r["transformers_fp32"]["greedy"][name]["tokens"].clone()).unwrap();
+                assert_eq!(js_tokens, torch, "{name}: transformers.js vs transformers' generate");
+            }
+        }
+        eprintln!("transformers.js {dtype}: {} images, tokens equal the node's on the same graphs", images.len());
+    }
 }

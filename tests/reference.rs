@@ -13,7 +13,7 @@ use vitgpt2::runtime::{self, LoadOptions};
 use vitgpt2::{Captioner, GenerationOverrides};
 
 fn captioner(precision: Precision) -> Captioner {
-    runtime::open(&fixtures().join("tiny-vit-gpt2"), &LoadOptions { precision, threads: 1 }).expect("fixture bundle loads")
+    runtime::open(&fixtures().join("tiny-vit-gpt2"), &LoadOptions { dtype: precision.into(), threads: 1, ..Default::default() }).expect("fixture bundle loads")
 }
 
 #[test]

@@ -18,7 +18,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::bundle::contract::{self, graph};
+use crate::assets::{ModelAssets, Origin};
 use crate::config::{Gpt2Config, ModelConfig, VitConfig};
+use crate::preprocess::{ImageSize, PreprocessConfig};
 use crate::error::{write_atomic, write_json, Error, Result};
 use crate::model::VisionEncoderDecoder;
 pub use fast::WeightForm;
@@ -142,22 +144,30 @@ pub fn write_graphs(cfg: &ModelConfig, w: &Weights, out: &Path, layout: Layout, 
         names.extend([enc, dec]);
     }
     if matches!(layout, Layout::Optimum | Layout::Both) {
-        let [enc, dec, past] = optimum::optimum_files(form);
+        use optimum::DecoderKind;
+        let [enc, merged, dec, past] = optimum::optimum_files(form);
+        let onnx_dir = out.join(contract::ONNX_DIR);
+        std::fs::create_dir_all(&onnx_dir).map_err(|e| Error::io(&onnx_dir, "create", e))?;
         write(&out.join(&enc), &onnx::encode(&optimum::encoder_graph(cfg, w, form)?))?;
-        write(&out.join(&dec), &onnx::encode(&optimum::decoder_graph(cfg, w, form, false)?))?;
-        write(&out.join(&past), &onnx::encode(&optimum::decoder_graph(cfg, w, form, true)?))?;
-        names.extend([enc, dec, past]);
+        write(&out.join(&merged), &onnx::encode(&optimum::decoder_graph(cfg, w, form, DecoderKind::Merged)?))?;
+        write(&out.join(&dec), &onnx::encode(&optimum::decoder_graph(cfg, w, form, DecoderKind::First)?))?;
+        write(&out.join(&past), &onnx::encode(&optimum::decoder_graph(cfg, w, form, DecoderKind::WithPast)?))?;
+        names.extend([enc, merged, dec, past]);
     }
     Ok(names)
 }
 
-/// Writes config.json and copies the tokenizer, generation and preprocessor configs from
-/// `assets` (the preprocessor's size is set to the model's image size).
+/// Writes config.json, copies the tokenizer, generation and preprocessor configs from `assets`
+/// (the preprocessor's size set to the model's image size, every field written out), and adds
+/// what transformers.js needs that the folder lacks: `is_encoder_decoder` in config.json,
+/// `tokenizer.json` and `tokenizer_config.json` (it reads no `vocab.json` + `merges.txt`), and for
+/// slow-tokenizer users `vocab.json` + `merges.txt` and `special_tokens_map.json`.
 pub fn write_configs(model: &VisionEncoderDecoder, assets: &Path, out: &Path) -> Result<Vec<String>> {
-    std::fs::create_dir_all(out).map_err(|e| Error::bundle(out, format!("cannot create: {e}")))?;
-    let cfg_path = out.join(contract::CONFIG);
-    let text = serde_json::to_string_pretty(&model.config_json()?).map_err(|e| Error::bundle(&cfg_path, e))?;
-    write(&cfg_path, (text + "\n").as_bytes())?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, "create", e))?;
+    let mut config = model.config_json()?;
+    // transformers.js generates only for encoder-decoder configs that say so.
+    config["is_encoder_decoder"] = json!(true);
+    write_json(&out.join(contract::CONFIG), &config)?;
     let mut files = vec![contract::CONFIG.to_string()];
     for name in contract::ASSET_FILES {
         let src = assets.join(name);
@@ -166,13 +176,18 @@ pub fn write_configs(model: &VisionEncoderDecoder, assets: &Path, out: &Path) ->
         }
         let dst = out.join(name);
         if name == contract::PREPROCESSOR_CONFIG {
-            let text = std::fs::read_to_string(&src).map_err(|e| Error::bundle(&src, e))?;
+            let text = std::fs::read_to_string(&src).map_err(|e| Error::io(&src, "read", e))?;
             let mut v: Value = serde_json::from_str(&text).map_err(|e| Error::bundle(&src, e))?;
+            let mut pre = PreprocessConfig::from_file(&src)?;
             let side = model.config.encoder.image_size;
-            v["size"] = json!({"height": side, "width": side});
+            pre.size = ImageSize { height: side, width: side };
+            // Every field explicit: transformers.js takes a missing do_normalize as false.
+            if let (Some(obj), Ok(Value::Object(full))) = (v.as_object_mut(), serde_json::to_value(&pre)) {
+                obj.extend(full.into_iter().filter(|(_, x)| !x.is_null()));
+            }
             write_json(&dst, &v)?;
         } else if src != dst {
-            std::fs::copy(&src, &dst).map_err(|e| Error::bundle(&dst, format!("cannot copy from {}: {e}", src.display())))?;
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, "write", e))?;
         }
         files.push(name.to_string());
     }
@@ -181,6 +196,18 @@ pub fn write_configs(model: &VisionEncoderDecoder, assets: &Path, out: &Path) ->
     }
     if !files.iter().any(|f| f == contract::PREPROCESSOR_CONFIG) {
         return Err(Error::bundle(assets.join(contract::PREPROCESSOR_CONFIG), "missing: the bundle needs the image processor's config"));
+    }
+    let bundle = ModelAssets::with_config(out, model.config.clone(), Origin::Bundle)?;
+    files.extend(bundle.tokenizer.complete_files(out, &bundle.special, model.config.decoder.n_positions)?);
+    if !out.join(contract::GENERATION_CONFIG).is_file() {
+        let s = &bundle.special;
+        let g = &bundle.generation;
+        let gen = json!({
+            "decoder_start_token_id": s.decoder_start, "bos_token_id": s.bos, "eos_token_id": s.eos, "pad_token_id": s.pad,
+            "max_length": g.max_length, "num_beams": g.num_beams,
+        });
+        write_json(&out.join(contract::GENERATION_CONFIG), &gen)?;
+        files.push(contract::GENERATION_CONFIG.to_string());
     }
     Ok(files)
 }

@@ -11,17 +11,20 @@ use tract_onnx::pb::ModelProto;
 use super::fast::{gelu_of, gpt2_scale, project, vit, Net, WeightForm};
 use super::onnx::{Attr, Dim};
 use super::Weights;
-use crate::bundle::contract::{graph, tensor};
+use crate::bundle::contract::{self, graph, tensor};
 use crate::config::ModelConfig;
 use crate::error::Result;
 
-/// File names of the Optimum layout (int8: onnxruntime's `_quantized` suffix).
-pub fn optimum_files(form: WeightForm) -> [String; 3] {
+/// File names of the Optimum layout, under `onnx/` as transformers.js looks for them: encoder,
+/// merged decoder (what transformers.js loads), then the split pair older onnxruntime users run.
+/// int8 carries transformers.js's q8 suffix, `_quantized`.
+pub fn optimum_files(form: WeightForm) -> [String; 4] {
     let suffix = match form {
         WeightForm::Fp32 => graph::FP32,
         WeightForm::Int8 => graph::OPTIMUM_INT8,
     };
-    graph::OPTIMUM.map(|stem| graph::file(stem, suffix))
+    [graph::ENCODER_MODEL, graph::DECODER_MERGED, graph::DECODER_MODEL, graph::DECODER_WITH_PAST]
+        .map(|stem| format!("{}/{}", contract::ONNX_DIR, graph::file(stem, suffix)))
 }
 
 pub fn encoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> Result<ModelProto> {
@@ -34,14 +37,33 @@ pub fn encoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> Result
     Ok(net.g.finish("ViT encoder (Optimum image-to-text-with-past layout)", &[("vitgpt2.layout", "optimum".into())]))
 }
 
-/// `decoder_model` (`with_past` false) or `decoder_with_past_model`.
-pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past: bool) -> Result<ModelProto> {
-    let mut net = Net::new(if with_past { "vitgpt2_decoder_with_past_model" } else { "vitgpt2_decoder_model" }, form, w);
+/// Which of Optimum's decoder graphs to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecoderKind {
+    /// `decoder_model`: `input_ids [B, T]`, no past.
+    First,
+    /// `decoder_with_past_model`: one new token after a past of any length.
+    WithPast,
+    /// `decoder_model_merged` as transformers.js loads it: `input_ids [B, T]` after a past of any
+    /// length, zero included (the first step gets an empty past). No `If` and no
+    /// `use_cache_branch`: one graph for every step, which transformers.js and onnxruntime accept.
+    Merged,
+}
+
+/// One of Optimum's decoder graphs.
+pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, kind: DecoderKind) -> Result<ModelProto> {
+    let with_past = kind != DecoderKind::First;
+    let name = match kind {
+        DecoderKind::First => "vitgpt2_decoder_model",
+        DecoderKind::WithPast => "vitgpt2_decoder_with_past_model",
+        DecoderKind::Merged => "vitgpt2_decoder_model_merged",
+    };
+    let mut net = Net::new(name, form, w);
     let dd = &cfg.decoder;
     let (d, heads, hd, vocab) = (dd.n_embd, dd.n_head, dd.head_dim(), dd.vocab_size);
     let (s, de) = (cfg.encoder.seq_len(), cfg.encoder.hidden_size);
     let b = Dim::Sym("batch_size");
-    let t_dim = if with_past { Dim::Fixed(1) } else { Dim::Sym("decoder_sequence_length") };
+    let t_dim = if kind == DecoderKind::WithPast { Dim::Fixed(1) } else { Dim::Sym("decoder_sequence_length") };
     let ids = net.g.input(tensor::INPUT_IDS, DataType::Int64, &[b.clone(), t_dim.clone()]);
     let enc = net.g.input(tensor::ENCODER_HIDDEN_STATES, DataType::Float, &[b.clone(), s.into(), de.into()]);
     let mut past = Vec::new();
@@ -91,7 +113,11 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, with_past
     let eps = dd.layer_norm_epsilon;
     let split = [0, 0, heads as i64, hd as i64];
     let merge = [0, 0, d as i64];
-    let present_len = if with_past { "past_sequence_length + 1" } else { "decoder_sequence_length" };
+    let present_len = match kind {
+        DecoderKind::First => "decoder_sequence_length",
+        DecoderKind::WithPast => "past_sequence_length + 1",
+        DecoderKind::Merged => "past_sequence_length + decoder_sequence_length",
+    };
     for i in 0..dd.n_layer {
         let l = format!("decoder.transformer.h.{i}");
         let scale = gpt2_scale(cfg, i);

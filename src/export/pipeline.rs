@@ -9,7 +9,7 @@ use candle_core::Device;
 use serde_json::{json, Value};
 
 use super::{export_bundle, fast_files, sha256_file, ExportOptions, Layout, WeightForm};
-use crate::bundle::{contract, Precision};
+use crate::bundle::{contract, Dtype, DtypeChoice};
 use crate::error::{write_json, Error, Result};
 use crate::generate::GenerationConfig;
 use crate::model::{open_checkpoint, VisionEncoderDecoder};
@@ -106,8 +106,8 @@ pub fn train_and_export(args: &TrainAndExportOptions) -> Result<i32> {
         let mut refs = set.references();
         refs.truncate(args.eval_limit);
         let host = open_checkpoint(&ckpt, &Device::Cpu)?;
-        let fp32 = runtime::open(&args.out, &LoadOptions { precision: Precision::Fp32, threads: 1 })?;
-        let int8 = runtime::open(&args.out, &LoadOptions { precision: Precision::Int8, threads: 1 })?;
+        let fp32 = runtime::open(&args.out, &LoadOptions { dtype: DtypeChoice::Exactly(Dtype::Fp32), layout: None, threads: 1 })?;
+        let int8 = runtime::open(&args.out, &LoadOptions { dtype: DtypeChoice::Exactly(Dtype::Int8), layout: None, threads: 1 })?;
         let gen = GenerationConfig { num_beams: 1, ..fp32.generation_config().clone() };
         let c = caption_set("candle", &host, &refs, &gen, false)?;
         let f = caption_set("tract fp32", &fp32, &refs, &gen, false)?;

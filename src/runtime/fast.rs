@@ -4,21 +4,23 @@
 //! `past.{i}.key/value` (length P symbolic, 0 at the first step) and the cross keys/values, and
 //! returns `logits [B, vocab]` and `present.{i}.key/value`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ndarray::{Array2, Array4};
 use tract_onnx::prelude::*;
 
 use super::graph::{Graph, InputSpec, OpTimes};
+use super::onnx_file::OnnxFile;
 use super::{gather_rows, ids_tensor, is_identity};
 use crate::assets::ModelAssets;
 use crate::bundle::contract::tensor;
+use crate::bundle::Dtype;
 use crate::engine::{Engine, ImageEncoding};
 use crate::error::{chain, Error, Result};
 use crate::generate::DecoderSession;
 
 pub struct FastRuntime {
-    dtype: &'static str,
+    dtype: Dtype,
     encoder: Graph,
     decoder_step: Graph,
     heads: usize,
@@ -32,7 +34,7 @@ pub struct FastRuntime {
 impl FastRuntime {
     /// Loads both graphs (weights of `dtype`) and checks them against `assets.config` (input and output names,
     /// declared shapes, vocabulary). Errors: [`Error::Bundle`] naming the graph file.
-    pub fn load(assets: &ModelAssets, encoder: &Path, decoder_step: &Path, dtype: &'static str) -> Result<Self> {
+    pub fn load(assets: &ModelAssets, encoder: &OnnxFile, decoder_step: &OnnxFile, dtype: Dtype) -> Result<Self> {
         let cfg = &assets.config;
         let (h, w) = (assets.preprocess.size.height, assets.preprocess.size.width);
         let enc_seq = cfg.encoder.seq_len();
@@ -116,11 +118,11 @@ impl Engine for FastRuntime {
     }
 
     fn describe(&self) -> String {
-        format!("fast layout: {}, {}", self.encoder.path().display(), self.decoder_step.path().display())
+        format!("fast layout ({}): {}, {}", self.dtype.word(), self.encoder.path().display(), self.decoder_step.path().display())
     }
 
     fn dtype(&self) -> &str {
-        self.dtype
+        self.dtype.word()
     }
 
     fn weight_files(&self) -> Vec<PathBuf> {

@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tract_hir::infer::Factoid;
+use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
+use super::onnx_file::OnnxFile;
 use crate::error::{chain, Error, Result};
 
 /// One ONNX graph, optimized and ready to run, with its input and output names in order.
@@ -31,24 +33,39 @@ impl InputSpec {
     }
 }
 
+/// The names of a parsed model's inputs, in order.
+pub fn declared_inputs(m: &InferenceModel) -> Vec<String> {
+    m.input_outlets().map(|o| o.iter().map(|o| m.node(o.node).name.clone()).collect()).unwrap_or_default()
+}
+
 /// Per-op (or per-node) times of one run: `(op or node description, ms, nodes)`, slowest first.
 pub type OpTimes = Vec<(String, f64, usize)>;
 
 impl Graph {
     /// Loads and validates an ONNX graph: it must have exactly the inputs `specs` (any order)
-    /// and at least the outputs `outputs`. `specs` is built from the model's own symbol table.
-    pub fn load(
+    /// and at least the outputs `outputs`. `specs` is built from the model's own symbol table
+    /// (and may look at which inputs the graph declares).
+    pub fn load(file: &OnnxFile, specs: impl FnOnce(&InferenceModel) -> Vec<InputSpec>, outputs: &[String]) -> Result<Self> {
+        Self::from_proto(&file.path, &file.proto, specs, outputs)
+    }
+
+    /// As [`Self::load`] for a protobuf derived from the file at `path` (external data is read
+    /// relative to its folder; errors name it).
+    pub fn from_proto(
         path: &Path,
+        proto: &ModelProto,
         specs: impl FnOnce(&InferenceModel) -> Vec<InputSpec>,
         outputs: &[String],
     ) -> Result<Self> {
-        if !path.is_file() {
-            return Err(Error::bundle(path, "missing file"));
-        }
-        let mut model = tract_onnx::onnx()
+        let dir = path.parent().and_then(|d| d.to_str());
+        let parsed = tract_onnx::onnx()
             .with_ignore_value_info(true)
-            .model_for_path(path)
+            .parse(proto, dir)
             .map_err(|e| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {}", chain(&e))))?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(Error::bundle(path, format!("the graph uses values it never defines: {:?}", parsed.unresolved_inputs)));
+        }
+        let mut model = parsed.model;
         let specs = specs(&model);
         let input_names: Vec<String> = model
             .input_outlets()
@@ -86,9 +103,14 @@ impl Graph {
             let fact = InferenceFact::dt_shape(spec.dtype, spec.shape.clone());
             model.set_input_fact(ix, fact).map_err(|e| Error::bundle(path, chain(&e)))?;
         }
-        let mut typed = model
-            .into_optimized()
-            .map_err(|e| Error::bundle(path, format!("shapes or operators do not fit this model's config.json: {}", chain(&e))))?;
+        let mut typed = model.into_optimized().map_err(|e| {
+            let msg = chain(&e);
+            match failing_op(&msg) {
+                // tract registers the operator but not this form of it.
+                Some(op) => Error::Unsupported { path: path.to_path_buf(), msg: format!("uses operator {op} in a form this node cannot run ({msg})") },
+                None => Error::bundle(path, format!("shapes or operators do not fit this model's config.json: {msg}")),
+            }
+        })?;
         fold_constant_packs(&mut typed).map_err(|e| Error::bundle(path, chain(&e)))?;
         let plan = typed.into_runnable().map_err(|e| Error::bundle(path, chain(&e)))?;
         Ok(Graph { path: path.to_path_buf(), plan, inputs: input_names, outputs: output_names })
@@ -96,6 +118,11 @@ impl Graph {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the graph takes an input called `name`.
+    pub fn has_input(&self, name: &str) -> bool {
+        self.inputs.iter().any(|i| i == name)
     }
 
     /// Runs the graph once with named inputs, timing every node: `(op, ms, nodes)` summed by
@@ -215,6 +242,15 @@ pub fn fold_constant_packs(model: &mut TypedModel) -> TractResult<usize> {
         }
     }
     Ok(folded)
+}
+
+/// The operator of tract's "Translating node #N \"name\" Op ToTypedTranslator" error, if that is
+/// what failed.
+fn failing_op(msg: &str) -> Option<String> {
+    let rest = &msg[msg.find("Translating node #")?..];
+    let after_name = rest.splitn(3, '"').nth(2)?;
+    let op = after_name.split_whitespace().next()?;
+    rest.contains("ToTypedTranslator").then(|| op.to_string())
 }
 
 /// Compares the dims an ONNX file declares for an input with what config.json implies.

@@ -5,6 +5,7 @@
 
 pub mod fast;
 pub mod graph;
+pub mod onnx_file;
 pub mod optimum;
 
 use std::path::Path;
@@ -13,19 +14,23 @@ use std::time::Instant;
 use ndarray::Axis;
 use tract_onnx::prelude::*;
 
-use crate::bundle::{Bundle, GraphFiles, Precision};
+use crate::bundle::{dtypes_present, Bundle, DtypeChoice, GraphLayout, GraphSet};
 use crate::captioner::Captioner;
 use crate::engine::Engine;
 use crate::error::{chain, Error, Result};
 
 pub use fast::FastRuntime;
 pub use graph::Graph;
-pub use optimum::OptimumRuntime;
+pub use onnx_file::OnnxFile;
+pub use optimum::{DecoderFiles, OptimumRuntime};
 
 /// How to load a bundle.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    pub precision: Precision,
+    /// Which weight form to run (`--dtype`; `--precision` maps onto it).
+    pub dtype: DtypeChoice,
+    /// Only this layout (`None`: the best the bundle has).
+    pub layout: Option<GraphLayout>,
     /// Threads for tract's matrix products (0 or 1: single-threaded).
     pub threads: usize,
 }
@@ -40,15 +45,65 @@ pub fn set_threads(threads: usize) {
     }
 }
 
-/// Loads the engine for the bundle's graph layout.
+/// Loads the first of the bundle's graph sets that this node can run (a set that uses an operator
+/// tract lacks is skipped and logged). When none is left, the error names the file, the operator
+/// and the dtypes of this bundle that do run.
 pub fn load(bundle: &Bundle) -> Result<Box<dyn Engine>> {
-    let dtype = if bundle.graphs.quantized() { "int8" } else { "fp32" };
-    match &bundle.graphs {
-        GraphFiles::Optimum { encoder, decoder, decoder_with_past, .. } => {
-            Ok(Box::new(OptimumRuntime::load(&bundle.assets, encoder, decoder, decoder_with_past, dtype)?))
+    let mut refused: Option<Error> = None;
+    for set in &bundle.candidates {
+        let files = set.files.iter().map(|p| OnnxFile::open(p)).collect::<Result<Vec<_>>>()?;
+        let outcome = match files.iter().map(|f| (f, f.unsupported_ops())).find(|(_, ops)| !ops.is_empty()) {
+            Some((file, ops)) => Err(Error::Unsupported {
+                path: file.path.clone(),
+                msg: format!("uses operator(s) {} that this node cannot run", ops.join(", ")),
+            }),
+            None => load_set(bundle, set, files),
+        };
+        match outcome {
+            Err(e @ Error::Unsupported { .. }) => {
+                tracing::info!(dtype = set.dtype.word(), layout = set.layout.word(), "graph set skipped: {e}");
+                refused.get_or_insert(e);
+            }
+            other => return other,
         }
-        GraphFiles::Fast { encoder, decoder_step, .. } => Ok(Box::new(FastRuntime::load(&bundle.assets, encoder, decoder_step, dtype)?)),
     }
+    let Some(Error::Unsupported { path, msg }) = refused else {
+        return Err(Error::bundle(bundle.dir(), "no graph set to load"));
+    };
+    let runnable: Vec<&str> = dtypes_present(bundle.dir()).into_iter().filter(|d| runs(bundle, d)).collect();
+    let hint = match runnable.first() {
+        Some(first) => format!("this bundle's {} graphs do: pass --dtype {first}", runnable.join(", ")),
+        None => "no graph set of this bundle runs here".to_string(),
+    };
+    Err(Error::Unsupported { path, msg: format!("{msg}; {hint}") })
+}
+
+/// Whether some complete graph set of dtype `word` has only operators tract registers (a hint:
+/// loading it may still fail).
+fn runs(bundle: &Bundle, word: &str) -> bool {
+    let Ok(choice) = word.parse::<DtypeChoice>() else { return false };
+    let Ok(b) = Bundle::open(bundle.dir(), choice, None) else { return false };
+    b.candidates.iter().any(|set| set.files.iter().all(|p| OnnxFile::read(p).map(|f| f.unsupported_ops().is_empty()).unwrap_or(false)))
+}
+
+fn load_set(bundle: &Bundle, set: &GraphSet, mut files: Vec<OnnxFile>) -> Result<Box<dyn Engine>> {
+    let assets = &bundle.assets;
+    Ok(match (set.layout, files.len()) {
+        (GraphLayout::Fast, 2) => {
+            let dec = files.remove(1);
+            Box::new(FastRuntime::load(assets, &files[0], &dec, set.dtype)?)
+        }
+        (GraphLayout::Optimum, 3) => {
+            let decoder_with_past = files.remove(2);
+            let decoder = files.remove(1);
+            Box::new(OptimumRuntime::load(assets, &files[0], &DecoderFiles::Split { decoder, decoder_with_past }, set.dtype)?)
+        }
+        (GraphLayout::OptimumMerged, 2) => {
+            let merged = files.remove(1);
+            Box::new(OptimumRuntime::load(assets, &files[0], &DecoderFiles::Merged(merged), set.dtype)?)
+        }
+        (layout, n) => return Err(Error::bundle(bundle.dir(), format!("{n} graph files for the {} layout", layout.word()))),
+    })
 }
 
 /// Opens the bundle in `dir` and loads its graphs: the captioner of `vitgpt2-node caption`,
@@ -56,7 +111,7 @@ pub fn load(bundle: &Bundle) -> Result<Box<dyn Engine>> {
 pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Captioner> {
     let t0 = Instant::now();
     set_threads(opts.threads);
-    let bundle = Bundle::open(dir, opts.precision)?;
+    let bundle = Bundle::open(dir, opts.dtype, opts.layout)?;
     let engine = load(&bundle)?;
     tracing::info!(model = %dir.display(), graphs = %engine.describe(), "model loaded");
     Ok(Captioner::new(bundle.assets, engine, t0.elapsed().as_secs_f64() * 1e3))

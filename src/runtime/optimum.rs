@@ -1,41 +1,60 @@
-//! Optimum's `image-to-text-with-past` layout: the decoder graphs take the encoder output and
+//! Optimum's `image-to-text-with-past` layouts: the decoder graphs take the encoder output and
 //! recompute the cross-attention keys/values at every step; the self-attention cache is fed back
-//! as `past_key_values.{i}.key/value`.
+//! as `past_key_values.{i}.key/value`. The decoder is either two graphs (`decoder_model` for the
+//! first step, `decoder_with_past_model` after) or Optimum's merged one, which is specialized at
+//! load into the same two plans (see [`OnnxFile::specialize_use_cache`]); a merged decoder
+//! without an `If` (this project's export) is one plan for every step, fed an empty past first.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use ndarray::{Array2, Array4, Axis, Ix3};
 use tract_onnx::prelude::*;
 
-use super::graph::{Graph, InputSpec};
+use super::graph::{declared_inputs, Graph, InputSpec};
+use super::onnx_file::OnnxFile;
 use super::{gather_rows, ids_tensor, is_identity};
 use crate::assets::ModelAssets;
 use crate::bundle::contract::tensor;
+use crate::bundle::{Dtype, GraphLayout};
 use crate::engine::{Engine, ImageEncoding};
 use crate::error::{chain, Error, Result};
 use crate::generate::DecoderSession;
 
+/// The decoder files of an Optimum bundle.
+pub enum DecoderFiles {
+    /// `decoder_model` + `decoder_with_past_model`.
+    Split { decoder: OnnxFile, decoder_with_past: OnnxFile },
+    /// `decoder_model_merged`.
+    Merged(OnnxFile),
+}
+
 pub struct OptimumRuntime {
-    dtype: &'static str,
+    layout: GraphLayout,
+    dtype: Dtype,
+    files: Vec<PathBuf>,
     encoder: Graph,
-    decoder: Graph,
-    decoder_with_past: Graph,
-    ids_dtype: DatumType,
+    /// The first step's plan and the later steps' (the same plan for a merged decoder without an `If`).
+    decoder: Arc<Graph>,
+    decoder_with_past: Arc<Graph>,
+    heads: usize,
+    head_dim: usize,
     /// `past_key_values.{i}.key/value` and `present.{i}.key/value`, layer by layer.
     past_names: Vec<String>,
     present_names: Vec<String>,
 }
 
 impl OptimumRuntime {
-    /// Loads the three graphs (weights of `dtype`) and checks them against `assets.config` (input and output names,
-    /// declared shapes, vocabulary). Errors: [`Error::Bundle`] naming the graph file.
-    pub fn load(assets: &ModelAssets, encoder: &Path, decoder: &Path, decoder_with_past: &Path, dtype: &'static str) -> Result<Self> {
+    /// Loads the encoder and the decoder plans (weights of `dtype`) and checks them against
+    /// `assets.config` (input and output names, declared shapes, vocabulary). Errors:
+    /// [`Error::Bundle`] naming the graph file.
+    pub fn load(assets: &ModelAssets, encoder: &OnnxFile, decoder: &DecoderFiles, dtype: Dtype) -> Result<Self> {
         let cfg = &assets.config;
         let (h, w) = (assets.preprocess.size.height, assets.preprocess.size.width);
         let enc_seq = cfg.encoder.seq_len();
         let enc_dim = cfg.encoder.hidden_size;
         let (n_layer, heads, head_dim) = (cfg.decoder.n_layer, cfg.decoder.n_head, cfg.decoder.head_dim());
-        let encoder = Graph::load(
+        let encoder_graph = Graph::load(
             encoder,
             |_| vec![InputSpec::new(tensor::PIXEL_VALUES, f32::datum_type(), [1, 3, h, w].map(TDim::from).to_vec())],
             &[tensor::LAST_HIDDEN_STATE.to_string()],
@@ -44,25 +63,57 @@ impl OptimumRuntime {
         let present_names = tensor::per_layer(n_layer, tensor::present);
         let mut dec_outputs = vec![tensor::LOGITS.to_string()];
         dec_outputs.extend(present_names.iter().cloned());
-        let ids_dtype = i64::datum_type();
-        let specs = |m: &InferenceModel, with_past: bool| {
+        // The inputs a decoder graph must take; the past and `use_cache_branch` only where it
+        // declares them (a first-step graph has no past).
+        let specs = |m: &InferenceModel| {
+            let declared = declared_inputs(m);
             let b = TDim::from(m.sym("B"));
             let mut v = vec![
-                InputSpec::new(tensor::INPUT_IDS, ids_dtype, vec![b.clone(), 1.into()]),
+                InputSpec::new(tensor::INPUT_IDS, i64::datum_type(), vec![b.clone(), 1.into()]),
                 InputSpec::new(tensor::ENCODER_HIDDEN_STATES, f32::datum_type(), vec![b.clone(), enc_seq.into(), enc_dim.into()]),
             ];
-            if with_past {
+            if declared.iter().any(|n| n.starts_with("past_key_values.")) {
                 let p = TDim::from(m.sym("P"));
                 for name in &past_names {
                     v.push(InputSpec::new(name, f32::datum_type(), vec![b.clone(), heads.into(), p.clone(), head_dim.into()]));
                 }
             }
+            if declared.iter().any(|n| n == tensor::USE_CACHE_BRANCH) {
+                v.push(InputSpec::new(tensor::USE_CACHE_BRANCH, bool::datum_type(), vec![1.into()]));
+            }
             v
         };
-        let decoder = Graph::load(decoder, |m| specs(m, false), &dec_outputs)?;
-        let decoder_with_past = Graph::load(decoder_with_past, |m| specs(m, true), &dec_outputs)?;
-        decoder.check_last_dim(tensor::LOGITS, cfg.decoder.vocab_size, "entries but config.json says vocab_size =")?;
-        Ok(OptimumRuntime { dtype, encoder, decoder, decoder_with_past, ids_dtype, past_names, present_names })
+        let layout = match decoder {
+            DecoderFiles::Split { .. } => GraphLayout::Optimum,
+            DecoderFiles::Merged(_) => GraphLayout::OptimumMerged,
+        };
+        let (first, later, files) = match decoder {
+            DecoderFiles::Split { decoder, decoder_with_past } => {
+                let first = Graph::load(decoder, specs, &dec_outputs)?;
+                let later = Graph::load(decoder_with_past, specs, &dec_outputs)?;
+                (Arc::new(first), Arc::new(later), vec![decoder.path.clone(), decoder_with_past.path.clone()])
+            }
+            DecoderFiles::Merged(file) => {
+                let plans = match (file.specialize_use_cache(false)?, file.specialize_use_cache(true)?) {
+                    (Some(no_past), Some(with_past)) => {
+                        let first = Graph::from_proto(&file.path, &no_past, specs, &dec_outputs)?;
+                        (Arc::new(first), Arc::new(Graph::from_proto(&file.path, &with_past, specs, &dec_outputs)?))
+                    }
+                    _ => {
+                        let one = Arc::new(Graph::load(file, specs, &dec_outputs)?);
+                        (Arc::clone(&one), one)
+                    }
+                };
+                (plans.0, plans.1, vec![file.path.clone()])
+            }
+        };
+        if !later.has_input(&past_names[0]) {
+            return Err(Error::bundle(later.path(), "the decoder for later steps takes no past_key_values: is this a decoder_with_past_model?"));
+        }
+        first.check_last_dim(tensor::LOGITS, cfg.decoder.vocab_size, "entries but config.json says vocab_size =")?;
+        let mut all = vec![encoder.path.clone()];
+        all.extend(files);
+        Ok(OptimumRuntime { layout, dtype, files: all, encoder: encoder_graph, decoder: first, decoder_with_past: later, heads, head_dim, past_names, present_names })
     }
 }
 
@@ -74,20 +125,17 @@ impl Engine for OptimumRuntime {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "optimum layout: {}, {}, {}",
-            self.encoder.path().display(),
-            self.decoder.path().display(),
-            self.decoder_with_past.path().display()
-        )
+        let files: Vec<String> = self.files.iter().map(|p| p.display().to_string()).collect();
+        let name = if self.layout == GraphLayout::Optimum { "optimum" } else { "optimum merged" };
+        format!("{name} layout ({}): {}", self.dtype.word(), files.join(", "))
     }
 
     fn dtype(&self) -> &str {
-        self.dtype
+        self.dtype.word()
     }
 
     fn weight_files(&self) -> Vec<PathBuf> {
-        [&self.encoder, &self.decoder, &self.decoder_with_past].iter().map(|g| g.path().to_path_buf()).collect()
+        self.files.clone()
     }
 }
 
@@ -114,15 +162,24 @@ struct OptimumSession<'a> {
 impl DecoderSession for OptimumSession<'_> {
     fn step(&mut self, tokens: &[u32]) -> Result<Array2<f32>> {
         let rt = self.rt;
-        let ids = ids_tensor(rt.ids_dtype, tokens)?;
+        let ids = ids_tensor(i64::datum_type(), tokens)?;
         let mut inputs: Vec<(&str, TValue)> = vec![(tensor::INPUT_IDS, ids), (tensor::ENCODER_HIDDEN_STATES, self.hidden.clone())];
-        let graph = match self.past.take() {
-            None => &rt.decoder,
-            Some(past) => {
-                inputs.extend(rt.past_names.iter().map(String::as_str).zip(past));
-                &rt.decoder_with_past
-            }
-        };
+        let use_cache = self.past.is_some();
+        let graph = if use_cache { &rt.decoder_with_past } else { &rt.decoder };
+        if graph.has_input(&rt.past_names[0]) {
+            let past = match self.past.take() {
+                Some(p) => p,
+                // A merged decoder's first step: an empty past, as Optimum and transformers.js feed it.
+                None => {
+                    let empty = Tensor::zero::<f32>(&[tokens.len(), rt.heads, 0, rt.head_dim]).map_err(|e| Error::runtime("decoder", chain(&e)))?;
+                    vec![empty.into_tvalue(); rt.past_names.len()]
+                }
+            };
+            inputs.extend(rt.past_names.iter().map(String::as_str).zip(past));
+        }
+        if graph.has_input(tensor::USE_CACHE_BRANCH) {
+            inputs.push((tensor::USE_CACHE_BRANCH, tensor1(&[use_cache]).into_tvalue()));
+        }
         let out = graph.run("decoder", inputs)?;
         let logits = logits_last("decoder", &out[graph.output_index(tensor::LOGITS)?])?;
         let past = rt.present_names.iter().map(|n| Ok(out[graph.output_index(n)?].clone())).collect::<Result<Vec<_>>>()?;

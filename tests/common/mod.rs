@@ -57,3 +57,10 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Says, where a reader of `cargo test` sees it (libtest captures `eprintln!`, not direct
+/// writes), that a check did not run and how to run it.
+pub fn skipped(test: &str, how: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n{test}: SKIPPED — {how}");
+}

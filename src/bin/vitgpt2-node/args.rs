@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use vitgpt2::bench::{BenchOptions, ProfileOptions};
-use vitgpt2::bundle::Precision;
-use vitgpt2::commands::CaptionOptions;
+use vitgpt2::bundle::{DtypeChoice, GraphLayout, Precision};
+use vitgpt2::commands::{CaptionOptions, DescribeOptions};
 use vitgpt2::daemon;
 
 use crate::generation::GenerationArgs;
@@ -27,6 +27,8 @@ pub enum Command {
     CheckConfig(CheckConfigArgs),
     /// Time a bundle in tract: load, encoder, decoder steps, greedy and beam-4 captions, peak RSS.
     Bench(BenchArgs),
+    /// What a bundle holds: the model, its graph sets by dtype and layout, which ones run here.
+    Describe(DescribeArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -43,11 +45,31 @@ pub struct CaptionArgs {
     /// Threads for matrix products.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Which graphs to run when the bundle has both: auto (int8 if present), fp32 or int8.
-    #[arg(long, default_value = "auto")]
-    pub precision: Precision,
+    #[command(flatten)]
+    pub graphs: GraphArgs,
     #[command(flatten)]
     pub generation: GenerationArgs,
+}
+
+/// Which of a bundle's graphs run.
+#[derive(Debug, Clone, Args)]
+pub struct GraphArgs {
+    /// Weight form, as transformers.js's dtype: auto (the fastest form the bundle has that runs
+    /// here: 8-bit, then fp32, fp16, 4-bit), fp32, fp16, q8, int8, uint8, q4, q4f16 or bnb4.
+    #[arg(long)]
+    pub dtype: Option<DtypeChoice>,
+    /// The older spelling: auto, fp32, or int8 (any 8-bit form: the fast layout's int8, q8, int8, uint8).
+    #[arg(long, conflicts_with = "dtype")]
+    pub precision: Option<Precision>,
+    /// Only this graph layout: fast, optimum or optimum-merged (default: the best the bundle has).
+    #[arg(long)]
+    pub layout: Option<GraphLayout>,
+}
+
+impl GraphArgs {
+    pub fn dtype(&self) -> DtypeChoice {
+        self.dtype.or(self.precision.map(DtypeChoice::from)).unwrap_or_default()
+    }
 }
 
 impl From<&CaptionArgs> for CaptionOptions {
@@ -57,7 +79,8 @@ impl From<&CaptionArgs> for CaptionOptions {
             images: a.images.clone(),
             json: a.json,
             threads: a.threads,
-            precision: a.precision,
+            dtype: a.graphs.dtype(),
+            layout: a.graphs.layout,
             generation: (&a.generation).into(),
         }
     }
@@ -71,9 +94,8 @@ pub struct BenchArgs {
     /// Thread counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub threads: Vec<usize>,
-    /// auto, fp32 or int8.
-    #[arg(long, default_value = "auto")]
-    pub precision: Precision,
+    #[command(flatten)]
+    pub graphs: GraphArgs,
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
@@ -104,7 +126,8 @@ impl From<&BenchArgs> for BenchOptions {
         BenchOptions {
             model: a.model.clone(),
             threads: a.threads.clone(),
-            precision: a.precision,
+            dtype: a.graphs.dtype(),
+            layout: a.graphs.layout,
             reps: a.reps,
             past: a.past.clone(),
             tokens: a.tokens,
@@ -176,5 +199,21 @@ pub struct CheckConfigArgs {
 impl From<&CheckConfigArgs> for daemon::CheckConfigOptions {
     fn from(a: &CheckConfigArgs) -> Self {
         daemon::CheckConfigOptions { file: a.file.clone() }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DescribeArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl From<&DescribeArgs> for DescribeOptions {
+    fn from(a: &DescribeArgs) -> Self {
+        DescribeOptions { model: a.model.clone(), json: a.json }
     }
 }

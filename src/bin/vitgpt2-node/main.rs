@@ -23,6 +23,10 @@ fn main() {
             commands::init_logging("warn");
             daemon::check_config(&a.into())
         }
+        Command::Describe(a) => {
+            commands::init_logging("warn");
+            commands::describe(&a.into()).map_err(|e| e.to_string())
+        }
         Command::Bench(a) => {
             commands::init_logging("warn");
             bench::bench_command(&a.into()).map_err(|e| e.to_string())

@@ -1,0 +1,335 @@
+//! An ONNX file as the node reads it, before tract: the protobuf, its external data checked, its
+//! operators checked against what tract runs, Optimum's merged decoder specialized per branch of
+//! its `If`, fp16 weights widened to f32. Every failure is one line naming the file.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
+use tract_onnx::pb::{type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
+
+use crate::bundle::contract::tensor;
+use crate::error::{Error, Result};
+
+/// A parsed ONNX file.
+pub struct OnnxFile {
+    pub path: PathBuf,
+    pub proto: ModelProto,
+}
+
+impl OnnxFile {
+    /// Reads and decodes `path`. Errors: missing, unreadable, or not an ONNX protobuf.
+    pub fn read(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::bundle(path, "missing file"));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
+        let proto = ModelProto::decode(bytes.as_slice())
+            .map_err(|e| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {e}")))?;
+        if proto.graph.is_none() {
+            return Err(Error::bundle(path, "not a readable ONNX model (truncated, or not ONNX at all?): no graph"));
+        }
+        Ok(OnnxFile { path: path.to_path_buf(), proto })
+    }
+
+    /// Reads `path` and makes it ready for tract: external data checked, fp16 widened to f32.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut f = Self::read(path)?;
+        f.check_external_data()?;
+        if f.has_fp16() {
+            let n = f.widen_fp16()?;
+            tracing::info!(graph = %path.display(), tensors = n, "fp16 graph widened to f32");
+        }
+        Ok(f)
+    }
+
+    /// The folder external data locations are relative to.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    fn graph(&self) -> &GraphProto {
+        // `read` refuses a model without a graph.
+        self.proto.graph.as_ref().expect("checked in OnnxFile::read")
+    }
+
+    /// Checks that every tensor kept outside the graph (`*.onnx_data`, `*.onnx.data`, any
+    /// `location`) is there and long enough. Errors name the data file and what is wrong.
+    pub fn check_external_data(&self) -> Result<()> {
+        let mut sizes: HashMap<PathBuf, u64> = HashMap::new();
+        for t in all_tensors(self.graph()) {
+            if t.data_location != Some(DataLocation::External as i32) {
+                continue;
+            }
+            let entry = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.as_str());
+            let Some(location) = entry("location") else {
+                return Err(Error::bundle(&self.path, format!("tensor {} is external but names no location", t.name)));
+            };
+            let file = self.dir().join(location);
+            let size = match sizes.get(&file) {
+                Some(s) => *s,
+                None => {
+                    let s = std::fs::metadata(&file)
+                        .map_err(|_| {
+                            Error::bundle(
+                                &file,
+                                format!(
+                                    "missing: {} keeps its weights in this file (external data); copy it next to the graph",
+                                    self.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                                ),
+                            )
+                        })?
+                        .len();
+                    sizes.insert(file.clone(), s);
+                    s
+                }
+            };
+            let offset: u64 = entry("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let length: u64 = match entry("length").and_then(|v| v.parse().ok()) {
+                Some(l) => l,
+                None => element_size(t.data_type).unwrap_or(1) * t.dims.iter().product::<i64>().max(0) as u64,
+            };
+            if offset + length > size {
+                return Err(Error::bundle(
+                    &file,
+                    format!(
+                        "too short ({size} bytes) for tensor {} (bytes {offset}..{}): the data file is truncated or belongs to another graph",
+                        t.name,
+                        offset + length
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Operators of the graph (and its subgraphs) that tract does not implement, as
+    /// `domain:op` (or `op` for the default domain), sorted.
+    pub fn unsupported_ops(&self) -> Vec<String> {
+        let onnx = tract_onnx::onnx();
+        let mut out = HashSet::new();
+        visit_nodes(self.graph(), &mut |n| {
+            if !onnx.op_register.0.contains_key(&n.op_type) {
+                out.insert(if n.domain.is_empty() || n.domain == "ai.onnx" { n.op_type.clone() } else { format!("{}:{}", n.domain, n.op_type) });
+            }
+        });
+        let mut v: Vec<String> = out.into_iter().collect();
+        v.sort();
+        v
+    }
+
+    /// Whether the graph holds float16 tensors or casts to float16.
+    pub fn has_fp16(&self) -> bool {
+        let mut found = all_tensors(self.graph()).any(|t| t.data_type == DataType::Float16 as i32);
+        visit_nodes(self.graph(), &mut |n| {
+            found |= n.op_type == "Cast" && n.attribute.iter().any(|a| a.name == "to" && a.i == DataType::Float16 as i64);
+        });
+        found
+    }
+
+    /// The graph with float16 everywhere widened to float32: weights (read from external data
+    /// where needed), `Cast` targets, constants and declared types. The arithmetic then runs in
+    /// f32 on the fp16-rounded weights (tract's f16 kernels are slow on CPUs without native
+    /// half-precision products). Returns how many tensors were widened.
+    pub fn widen_fp16(&mut self) -> Result<usize> {
+        let dir = self.dir().to_path_buf();
+        let path = self.path.clone();
+        let graph = self.proto.graph.as_mut().ok_or_else(|| Error::bundle(&path, "no graph"))?;
+        let mut n = 0;
+        widen_graph(graph, &dir, &path, &mut n)?;
+        Ok(n)
+    }
+
+    /// Optimum's merged decoder specialized for one value of its `use_cache_branch` input: the
+    /// top-level `If` on that input replaced by the chosen branch (`true`: the decoder with a
+    /// past; `false`: the first step), the input removed, and what no longer feeds an output
+    /// pruned (the first-step graph then has no past inputs). `None` when the graph has no such
+    /// `If` (a merged decoder written without one takes `use_cache_branch` as a plain input).
+    pub fn specialize_use_cache(&self, use_cache: bool) -> Result<Option<ModelProto>> {
+        let g = self.graph();
+        let producers: HashMap<&str, &NodeProto> =
+            g.node.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
+        let Some(if_ix) = g.node.iter().position(|n| n.op_type == "If" && cond_is_input(&n.input[0], &producers, tensor::USE_CACHE_BRANCH)) else {
+            return Ok(None);
+        };
+        let if_node = &g.node[if_ix];
+        let branch_name = if use_cache { "then_branch" } else { "else_branch" };
+        let branch = if_node
+            .attribute
+            .iter()
+            .find(|a| a.name == branch_name)
+            .and_then(|a| a.g.as_ref())
+            .ok_or_else(|| Error::bundle(&self.path, format!("the If on use_cache_branch has no {branch_name}")))?;
+        if branch.output.len() != if_node.output.len() {
+            return Err(Error::bundle(&self.path, format!("the If's {branch_name} has {} outputs, the If {}", branch.output.len(), if_node.output.len())));
+        }
+        // The branch's own names must not clash with the outer graph's.
+        let outer: HashSet<&str> = g
+            .input
+            .iter()
+            .map(|i| i.name.as_str())
+            .chain(g.initializer.iter().map(|t| t.name.as_str()))
+            .chain(g.node.iter().enumerate().filter(|(i, _)| *i != if_ix).flat_map(|(_, n)| n.output.iter().map(String::as_str)))
+            .collect();
+        if let Some(clash) = branch.node.iter().flat_map(|n| n.output.iter()).find(|o| outer.contains(o.as_str())) {
+            return Err(Error::bundle(&self.path, format!("cannot inline the If's {branch_name}: its tensor `{clash}` shadows an outer one")));
+        }
+        let mut out = self.proto.clone();
+        let og = out.graph.as_mut().ok_or_else(|| Error::bundle(&self.path, "no graph"))?;
+        let mut nodes: Vec<NodeProto> = og.node[..if_ix].to_vec();
+        nodes.extend(branch.node.iter().cloned());
+        // The branch's outputs become the If's (Optimum names them the same; otherwise alias).
+        for (b, o) in branch.output.iter().zip(&if_node.output) {
+            if b.name != *o {
+                nodes.push(NodeProto { input: vec![b.name.clone()], output: vec![o.clone()], op_type: "Identity".into(), name: format!("{o}.from_branch"), ..Default::default() });
+            }
+        }
+        nodes.extend(og.node[if_ix + 1..].iter().cloned());
+        og.node = nodes;
+        og.initializer.extend(branch.initializer.iter().cloned());
+        prune(og);
+        og.input.retain(|i| i.name != tensor::USE_CACHE_BRANCH);
+        Ok(Some(out))
+    }
+}
+
+/// Whether `name` is graph input `input`, possibly through Identity/Cast/Reshape/Squeeze nodes.
+fn cond_is_input(name: &str, producers: &HashMap<&str, &NodeProto>, input: &str) -> bool {
+    let mut name = name;
+    for _ in 0..8 {
+        if name == input {
+            return true;
+        }
+        match producers.get(name) {
+            Some(n) if matches!(n.op_type.as_str(), "Identity" | "Cast" | "Reshape" | "Squeeze" | "Unsqueeze") => name = &n.input[0],
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Removes nodes, initializers and inputs that no graph output depends on (names used inside
+/// subgraphs count as used).
+fn prune(g: &mut GraphProto) {
+    let mut needed: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    let mut keep = vec![false; g.node.len()];
+    for (i, n) in g.node.iter().enumerate().rev() {
+        if n.output.iter().any(|o| needed.contains(o)) {
+            keep[i] = true;
+            needed.extend(n.input.iter().filter(|s| !s.is_empty()).cloned());
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(a.graphs.iter()) {
+                    visit_nodes(sub, &mut |m| needed.extend(m.input.iter().cloned()));
+                }
+            }
+        }
+    }
+    let mut it = keep.iter();
+    g.node.retain(|_| *it.next().unwrap_or(&false));
+    g.initializer.retain(|t| needed.contains(&t.name));
+    g.input.retain(|i| needed.contains(&i.name));
+}
+
+fn visit_nodes(g: &GraphProto, f: &mut dyn FnMut(&NodeProto)) {
+    for n in &g.node {
+        f(n);
+        for a in &n.attribute {
+            for sub in a.g.iter().chain(a.graphs.iter()) {
+                visit_nodes(sub, f);
+            }
+        }
+    }
+}
+
+/// Every tensor of the graph: initializers and tensor-valued attributes, subgraphs included.
+fn all_tensors(g: &GraphProto) -> Box<dyn Iterator<Item = &TensorProto> + '_> {
+    let attrs = g.node.iter().flat_map(|n| n.attribute.iter()).flat_map(|a: &AttributeProto| {
+        let subs = a.g.iter().chain(a.graphs.iter()).flat_map(|s| all_tensors(s));
+        a.t.iter().chain(a.tensors.iter()).chain(subs)
+    });
+    Box::new(g.initializer.iter().chain(attrs))
+}
+
+/// Bytes per element of an ONNX data type (None for strings and unknown types).
+fn element_size(dt: i32) -> Option<u64> {
+    use DataType::*;
+    Some(match DataType::try_from(dt).ok()? {
+        Float | Int32 | Uint32 => 4,
+        Double | Int64 | Uint64 | Complex64 => 8,
+        Float16 | Bfloat16 | Int16 | Uint16 => 2,
+        Int8 | Uint8 | Bool => 1,
+        Complex128 => 16,
+        _ => return None,
+    })
+}
+
+fn widen_graph(g: &mut GraphProto, dir: &Path, path: &Path, n: &mut usize) -> Result<()> {
+    for t in g.initializer.iter_mut() {
+        widen_tensor(t, dir, path, n)?;
+    }
+    for v in g.input.iter_mut().chain(g.output.iter_mut()).chain(g.value_info.iter_mut()) {
+        widen_value_info(v);
+    }
+    for node in g.node.iter_mut() {
+        let is_cast = node.op_type == "Cast";
+        for a in node.attribute.iter_mut() {
+            if is_cast && a.name == "to" && a.i == DataType::Float16 as i64 {
+                a.i = DataType::Float as i64;
+            }
+            if let Some(t) = a.t.as_mut() {
+                widen_tensor(t, dir, path, n)?;
+            }
+            for t in a.tensors.iter_mut() {
+                widen_tensor(t, dir, path, n)?;
+            }
+            if let Some(sub) = a.g.as_mut() {
+                widen_graph(sub, dir, path, n)?;
+            }
+            for sub in a.graphs.iter_mut() {
+                widen_graph(sub, dir, path, n)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn widen_value_info(v: &mut ValueInfoProto) {
+    if let Some(type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        if t.elem_type == DataType::Float16 as i32 {
+            t.elem_type = DataType::Float as i32;
+        }
+    }
+}
+
+/// One float16 tensor rewritten as float32 (raw data, `int32_data` or external bytes).
+fn widen_tensor(t: &mut TensorProto, dir: &Path, path: &Path, n: &mut usize) -> Result<()> {
+    if t.data_type != DataType::Float16 as i32 {
+        return Ok(());
+    }
+    let bits: Vec<u16> = if t.data_location == Some(DataLocation::External as i32) {
+        let entry = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
+        let file = dir.join(entry("location").unwrap_or_default());
+        let bytes = std::fs::read(&file).map_err(|e| Error::bundle(&file, format!("cannot read: {e}")))?;
+        let offset: usize = entry("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let count = t.dims.iter().product::<i64>().max(0) as usize;
+        let end = offset + 2 * count;
+        let slice = bytes.get(offset..end).ok_or_else(|| Error::bundle(&file, format!("too short for tensor {}", t.name)))?;
+        t.data_location = None;
+        t.external_data.clear();
+        slice.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    } else if !t.raw_data.is_empty() {
+        t.raw_data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    } else {
+        t.int32_data.iter().map(|&v| v as u16).collect()
+    };
+    let count = t.dims.iter().product::<i64>().max(0) as usize;
+    if bits.len() != count {
+        return Err(Error::bundle(path, format!("fp16 tensor {} holds {} values for shape {:?}", t.name, bits.len(), t.dims)));
+    }
+    t.raw_data = bits.iter().flat_map(|&b| half::f16::from_bits(b).to_f32().to_le_bytes()).collect();
+    t.int32_data.clear();
+    t.data_type = DataType::Float as i32;
+    *n += 1;
+    Ok(())
+}
