@@ -22,8 +22,9 @@ pub struct BenchOptions {
     /// Thread counts to measure, in order.
     pub threads: Vec<usize>,
     pub dtype: DtypeChoice,
-    /// Only this layout (`None`: the best the bundle has).
-    pub layout: Option<GraphLayout>,
+    /// The layouts to time, one after the other (empty: the best the bundle has), e.g. Optimum's
+    /// split decoder next to its merged one.
+    pub layouts: Vec<GraphLayout>,
     /// Repetitions of each measurement (the median is reported).
     pub reps: usize,
     /// Past lengths at which one decoder step is timed.
@@ -117,10 +118,11 @@ pub fn test_image(side: u32) -> RgbImage {
     })
 }
 
-pub fn bench(args: &BenchOptions) -> Result<BenchReport> {
+/// Times the bundle's graphs in `layout` (`None`: the best it has) for each thread count.
+pub fn bench(args: &BenchOptions, layout: Option<GraphLayout>) -> Result<BenchReport> {
     let reps = args.reps.max(1);
     let first = args.threads.first().copied().unwrap_or(1);
-    let cap = runtime::open(&args.model, &LoadOptions { dtype: args.dtype, layout: args.layout, threads: first })?;
+    let cap = runtime::open(&args.model, &LoadOptions { dtype: args.dtype, layout, threads: first })?;
     let load_ms = cap.load_ms;
     let side = cap.assets().preprocess.size.width as u32;
     let img = test_image(side.max(1));
@@ -197,17 +199,27 @@ pub fn bench(args: &BenchOptions) -> Result<BenchReport> {
     })
 }
 
-/// `vitgpt2-node bench`: prints a table (or JSON).
+/// `vitgpt2-node bench`: prints a table (or one JSON object per layout and line).
 pub fn bench_command(args: &BenchOptions) -> Result<i32> {
     if let Some(p) = args.profile {
         profile(args, p)?;
         return Ok(0);
     }
-    let r = bench(args)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&r).map_err(|e| Error::serialize("the bench report", e))?);
-        return Ok(0);
+    let layouts: Vec<Option<GraphLayout>> = if args.layouts.is_empty() { vec![None] } else { args.layouts.iter().copied().map(Some).collect() };
+    for layout in layouts {
+        let r = bench(args, layout)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&r).map_err(|e| Error::serialize("the bench report", e))?);
+        } else {
+            print_report(&r);
+        }
     }
+    Ok(0)
+}
+
+/// Peak RSS is the process's high-water mark so far: with several layouts, later ones include
+/// the earlier ones' peaks.
+fn print_report(r: &BenchReport) {
     println!("model: {} ({})", r.model, r.dtype);
     println!("graphs: {}", r.graphs);
     println!("load: {:.0} ms", r.load_ms);
@@ -221,5 +233,4 @@ pub fn bench_command(args: &BenchOptions) -> Result<i32> {
         println!("  beam-4 {:>2} tokens   {:>9.1} ms (encoder + decoder)", r.tokens, t.beam4_caption_ms);
         println!("  peak RSS           {:>9.1} MiB", t.peak_rss_mib);
     }
-    Ok(0)
 }

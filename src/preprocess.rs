@@ -202,8 +202,13 @@ pub fn decode_image_limited(bytes: &[u8], limits: &DecodeLimits) -> std::result:
     // The JPEG decoder fills a cut-off scan with grey; PIL refuses such files ("image file is
     // truncated"), and so do we: a half-written frame must not be captioned.
     let bytes = if is_jpeg {
-        match jpeg_end(bytes) {
-            Some(end) => &bytes[..end],
+        match jpeg_layout(bytes) {
+            Some(JpegLayout { end, size }) => {
+                if let Some((w, h)) = size {
+                    limits.check(w, h, 3)?;
+                }
+                &bytes[..end]
+            }
             None => return Err("truncated JPEG (its data ends before the end-of-image marker): the file is incomplete or still being written".into()),
         }
     } else {
@@ -259,15 +264,24 @@ fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Option<std::result::Resul
     }
 }
 
-/// Where a JPEG's data ends: one past its end-of-image marker (FF D9), found by walking the
-/// segments (each header segment carries its length; entropy-coded scan data runs until a
-/// marker other than byte stuffing FF 00 and the restart markers FF D0–D7). `None` when the
-/// data ends before the marker: the file is truncated. Embedded thumbnails (inside APP
-/// segments) and anything after the marker (a motion photo's video, padding) are skipped.
-fn jpeg_end(bytes: &[u8]) -> Option<usize> {
+/// What walking a JPEG's segments tells before decoding it.
+struct JpegLayout {
+    /// One past the end-of-image marker (FF D9): what follows is not part of the image.
+    end: usize,
+    /// Width and height from the frame header (SOFn), when it has them.
+    size: Option<(u32, u32)>,
+}
+
+/// Walks a JPEG's segments (each header segment carries its length; entropy-coded scan data
+/// runs until a marker other than byte stuffing FF 00 and the restart markers FF D0–D7) to its
+/// end-of-image marker. `None` when the data ends before the marker: the file is truncated.
+/// Embedded thumbnails (inside APP segments) and anything after the marker (a motion photo's
+/// video, padding) are skipped, as libjpeg (PIL) stops at the marker too.
+fn jpeg_layout(bytes: &[u8]) -> Option<JpegLayout> {
     if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
         return None;
     }
+    let mut size = None;
     let mut i = 2;
     loop {
         // Markers may be preceded by fill bytes FF.
@@ -280,7 +294,7 @@ fn jpeg_end(bytes: &[u8]) -> Option<usize> {
         let marker = *bytes.get(i + 1)?;
         i += 2;
         match marker {
-            0xD9 => return Some(i),
+            0xD9 => return Some(JpegLayout { end: i, size }),
             // Standalone markers: no length.
             0x01 | 0xD0..=0xD7 => continue,
             _ => {}
@@ -288,6 +302,12 @@ fn jpeg_end(bytes: &[u8]) -> Option<usize> {
         let len = u16::from_be_bytes([*bytes.get(i)?, *bytes.get(i + 1)?]) as usize;
         if len < 2 {
             return None;
+        }
+        // Start of frame (SOF0–SOF15 but DHT C4, JPG C8, DAC CC): precision, height, width.
+        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) && len >= 7 {
+            let h = u16::from_be_bytes([*bytes.get(i + 3)?, *bytes.get(i + 4)?]) as u32;
+            let w = u16::from_be_bytes([*bytes.get(i + 5)?, *bytes.get(i + 6)?]) as u32;
+            size = Some((w, h));
         }
         i += len;
         if marker == 0xDA {

@@ -145,14 +145,14 @@ fn bench_reports_every_figure() {
         model: dir.path().to_path_buf(),
         threads: vec![1, 2],
         dtype: Precision::Int8.into(),
-        layout: None,
+        layouts: Vec::new(),
         reps: 1,
         past: vec![1, 8],
         tokens: 8,
         json: true,
         profile: None,
     };
-    let r = vitgpt2::bench::bench(&args).unwrap();
+    let r = vitgpt2::bench::bench(&args, None).unwrap();
     assert_eq!(r.dtype, "int8");
     assert_eq!(r.results.len(), 2);
     for t in &r.results {

@@ -94,8 +94,16 @@ pub struct BenchArgs {
     /// Thread counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub threads: Vec<usize>,
-    #[command(flatten)]
-    pub graphs: GraphArgs,
+    /// auto, fp32, fp16, q8, int8, uint8, q4… (as caption's --dtype).
+    #[arg(long)]
+    pub dtype: Option<DtypeChoice>,
+    /// The older spelling: auto, fp32 or int8.
+    #[arg(long, conflicts_with = "dtype")]
+    pub precision: Option<Precision>,
+    /// Layouts to time one after the other, comma-separated: fast, optimum, optimum-merged
+    /// (default: the best the bundle has).
+    #[arg(long, value_delimiter = ',')]
+    pub layout: Vec<GraphLayout>,
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
@@ -126,8 +134,8 @@ impl From<&BenchArgs> for BenchOptions {
         BenchOptions {
             model: a.model.clone(),
             threads: a.threads.clone(),
-            dtype: a.graphs.dtype(),
-            layout: a.graphs.layout,
+            dtype: a.dtype.or(a.precision.map(DtypeChoice::from)).unwrap_or_default(),
+            layouts: a.layout.clone(),
             reps: a.reps,
             past: a.past.clone(),
             tokens: a.tokens,
