@@ -54,7 +54,7 @@ pub fn profile(args: &BenchOptions, p: ProfileOptions) -> Result<()> {
         .map_err(|e| Error::setting("--profile", format!("needs a bundle with the fast layout: {e}")))?;
     let set = &bundle.candidates[0];
     let (enc, dec) = (OnnxFile::open(&set.files[0])?, OnnxFile::open(&set.files[1])?);
-    let rt = FastRuntime::load(&bundle.assets, &enc, &dec, set.dtype)?;
+    let rt = FastRuntime::load(&bundle.assets, enc, dec, set.dtype)?;
     let side = bundle.assets.preprocess.size.width;
     let pixels = bundle.assets.preprocess.pixel_values(&test_image(side as u32));
     for (what, v) in rt.profile(pixels, 16, p.by_node)? {

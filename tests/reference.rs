@@ -104,7 +104,7 @@ fn greedy_and_beam_tokens_identical_to_transformers() {
 fn int8_graphs_run_and_agree_with_onnxruntime() {
     let r = reference();
     let c = captioner(Precision::Int8);
-    assert_eq!(c.engine().dtype(), "int8");
+    assert_eq!(c.engine().dtype(), "q8", "the bundle's _quantized graphs");
     let gen = GenerationOverrides { num_beams: Some(1), ..Default::default() }.apply(c.generation_config()).unwrap();
     let mut equal = 0;
     for img in &r.images {

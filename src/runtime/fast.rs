@@ -34,7 +34,7 @@ pub struct FastRuntime {
 impl FastRuntime {
     /// Loads both graphs (weights of `dtype`) and checks them against `assets.config` (input and output names,
     /// declared shapes, vocabulary). Errors: [`Error::Bundle`] naming the graph file.
-    pub fn load(assets: &ModelAssets, encoder: &OnnxFile, decoder_step: &OnnxFile, dtype: Dtype) -> Result<Self> {
+    pub fn load(assets: &ModelAssets, encoder: OnnxFile, decoder_step: OnnxFile, dtype: Dtype) -> Result<Self> {
         let cfg = &assets.config;
         let (h, w) = (assets.preprocess.size.height, assets.preprocess.size.width);
         let enc_seq = cfg.encoder.seq_len();

@@ -45,26 +45,28 @@ impl Graph {
     /// Loads and validates an ONNX graph: it must have exactly the inputs `specs` (any order)
     /// and at least the outputs `outputs`. `specs` is built from the model's own symbol table
     /// (and may look at which inputs the graph declares).
-    pub fn load(file: &OnnxFile, specs: impl FnOnce(&InferenceModel) -> Vec<InputSpec>, outputs: &[String]) -> Result<Self> {
-        Self::from_proto(&file.path, &file.proto, specs, outputs)
+    /// Takes the file so that its protobuf is freed as soon as tract has parsed it.
+    pub fn load(file: OnnxFile, specs: impl FnOnce(&InferenceModel) -> Vec<InputSpec>, outputs: &[String]) -> Result<Self> {
+        Self::from_proto(&file.path, file.proto, specs, outputs)
     }
 
     /// As [`Self::load`] for a protobuf derived from the file at `path` (external data is read
     /// relative to its folder; errors name it).
     pub fn from_proto(
         path: &Path,
-        proto: &ModelProto,
+        proto: ModelProto,
         specs: impl FnOnce(&InferenceModel) -> Vec<InputSpec>,
         outputs: &[String],
     ) -> Result<Self> {
         let dir = path.parent().and_then(|d| d.to_str());
         let parsed = tract_onnx::onnx()
             .with_ignore_value_info(true)
-            .parse(proto, dir)
+            .parse(&proto, dir)
             .map_err(|e| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {}", chain(&e))))?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(Error::bundle(path, format!("the graph uses values it never defines: {:?}", parsed.unresolved_inputs)));
         }
+        drop(proto);
         let mut model = parsed.model;
         let specs = specs(&model);
         let input_names: Vec<String> = model

@@ -91,16 +91,16 @@ fn load_set(bundle: &Bundle, set: &GraphSet, mut files: Vec<OnnxFile>) -> Result
     Ok(match (set.layout, files.len()) {
         (GraphLayout::Fast, 2) => {
             let dec = files.remove(1);
-            Box::new(FastRuntime::load(assets, &files[0], &dec, set.dtype)?)
+            Box::new(FastRuntime::load(assets, files.remove(0), dec, set.dtype)?)
         }
         (GraphLayout::Optimum, 3) => {
             let decoder_with_past = files.remove(2);
             let decoder = files.remove(1);
-            Box::new(OptimumRuntime::load(assets, &files[0], &DecoderFiles::Split { decoder, decoder_with_past }, set.dtype)?)
+            Box::new(OptimumRuntime::load(assets, files.remove(0), DecoderFiles::Split { decoder, decoder_with_past }, set.dtype)?)
         }
         (GraphLayout::OptimumMerged, 2) => {
             let merged = files.remove(1);
-            Box::new(OptimumRuntime::load(assets, &files[0], &DecoderFiles::Merged(merged), set.dtype)?)
+            Box::new(OptimumRuntime::load(assets, files.remove(0), DecoderFiles::Merged(merged), set.dtype)?)
         }
         (layout, n) => return Err(Error::bundle(bundle.dir(), format!("{n} graph files for the {} layout", layout.word()))),
     })

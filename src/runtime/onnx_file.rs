@@ -24,8 +24,10 @@ impl OnnxFile {
         if !path.is_file() {
             return Err(Error::bundle(path, "missing file"));
         }
-        let bytes = std::fs::read(path).map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
-        let proto = ModelProto::decode(bytes.as_slice())
+        let file = std::fs::File::open(path).map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
+        // SAFETY: the map is only read while decoding; the bundle is not written meanwhile.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
+        let proto = ModelProto::decode(&bytes[..])
             .map_err(|e| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {e}")))?;
         if proto.graph.is_none() {
             return Err(Error::bundle(path, "not a readable ONNX model (truncated, or not ONNX at all?): no graph"));
@@ -141,28 +143,34 @@ impl OnnxFile {
         Ok(n)
     }
 
-    /// Optimum's merged decoder specialized for one value of its `use_cache_branch` input: the
-    /// top-level `If` on that input replaced by the chosen branch (`true`: the decoder with a
-    /// past; `false`: the first step), the input removed, and what no longer feeds an output
-    /// pruned (the first-step graph then has no past inputs). `None` when the graph has no such
-    /// `If` (a merged decoder written without one takes `use_cache_branch` as a plain input).
-    pub fn specialize_use_cache(&self, use_cache: bool) -> Result<Option<ModelProto>> {
-        let g = self.graph();
-        let producers: HashMap<&str, &NodeProto> =
-            g.node.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
-        let Some(if_ix) = g.node.iter().position(|n| n.op_type == "If" && cond_is_input(&n.input[0], &producers, tensor::USE_CACHE_BRANCH)) else {
-            return Ok(None);
+    /// Optimum's merged decoder made a plain graph: the top-level `If` on its `use_cache_branch`
+    /// input replaced, in place, by its cache branch (the decoder with a past), the input removed
+    /// and what no longer feeds an output pruned. Given an empty past at the first step, that
+    /// branch computes what the no-cache branch computes (the past is concatenated with nothing),
+    /// so one plan serves every step — half the memory and load time of one plan per branch;
+    /// tokens equal onnxruntime's, which runs the no-cache branch first (tests/interop.rs).
+    /// Returns false when there is no such `If` (a merged decoder written without one takes its
+    /// inputs as they are).
+    pub fn specialize_use_cache(&mut self) -> Result<bool> {
+        let path = self.path.clone();
+        let g = self.proto.graph.as_mut().ok_or_else(|| Error::bundle(&path, "no graph"))?;
+        let if_ix = {
+            let producers: HashMap<&str, &NodeProto> =
+                g.node.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
+            match g.node.iter().position(|n| n.op_type == "If" && cond_is_input(&n.input[0], &producers, tensor::USE_CACHE_BRANCH)) {
+                Some(i) => i,
+                None => return Ok(false),
+            }
         };
-        let if_node = &g.node[if_ix];
-        let branch_name = if use_cache { "then_branch" } else { "else_branch" };
+        let mut if_node = g.node.remove(if_ix);
         let branch = if_node
             .attribute
-            .iter()
-            .find(|a| a.name == branch_name)
-            .and_then(|a| a.g.as_ref())
-            .ok_or_else(|| Error::bundle(&self.path, format!("the If on use_cache_branch has no {branch_name}")))?;
+            .iter_mut()
+            .find(|a| a.name == "then_branch")
+            .and_then(|a| a.g.take())
+            .ok_or_else(|| Error::bundle(&path, "the If on use_cache_branch has no then_branch"))?;
         if branch.output.len() != if_node.output.len() {
-            return Err(Error::bundle(&self.path, format!("the If's {branch_name} has {} outputs, the If {}", branch.output.len(), if_node.output.len())));
+            return Err(Error::bundle(&path, format!("the If's cache branch has {} outputs, the If {}", branch.output.len(), if_node.output.len())));
         }
         // The branch's own names must not clash with the outer graph's.
         let outer: HashSet<&str> = g
@@ -170,27 +178,24 @@ impl OnnxFile {
             .iter()
             .map(|i| i.name.as_str())
             .chain(g.initializer.iter().map(|t| t.name.as_str()))
-            .chain(g.node.iter().enumerate().filter(|(i, _)| *i != if_ix).flat_map(|(_, n)| n.output.iter().map(String::as_str)))
+            .chain(g.node.iter().flat_map(|n| n.output.iter().map(String::as_str)))
             .collect();
         if let Some(clash) = branch.node.iter().flat_map(|n| n.output.iter()).find(|o| outer.contains(o.as_str())) {
-            return Err(Error::bundle(&self.path, format!("cannot inline the If's {branch_name}: its tensor `{clash}` shadows an outer one")));
+            return Err(Error::bundle(&path, format!("cannot inline the If's cache branch: its tensor `{clash}` shadows an outer one")));
         }
-        let mut out = self.proto.clone();
-        let og = out.graph.as_mut().ok_or_else(|| Error::bundle(&self.path, "no graph"))?;
-        let mut nodes: Vec<NodeProto> = og.node[..if_ix].to_vec();
-        nodes.extend(branch.node.iter().cloned());
+        let tail = g.node.split_off(if_ix);
+        g.node.extend(branch.node);
         // The branch's outputs become the If's (Optimum names them the same; otherwise alias).
         for (b, o) in branch.output.iter().zip(&if_node.output) {
             if b.name != *o {
-                nodes.push(NodeProto { input: vec![b.name.clone()], output: vec![o.clone()], op_type: "Identity".into(), name: format!("{o}.from_branch"), ..Default::default() });
+                g.node.push(NodeProto { input: vec![b.name.clone()], output: vec![o.clone()], op_type: "Identity".into(), name: format!("{o}.from_branch"), ..Default::default() });
             }
         }
-        nodes.extend(og.node[if_ix + 1..].iter().cloned());
-        og.node = nodes;
-        og.initializer.extend(branch.initializer.iter().cloned());
-        prune(og);
-        og.input.retain(|i| i.name != tensor::USE_CACHE_BRANCH);
-        Ok(Some(out))
+        g.node.extend(tail);
+        g.initializer.extend(branch.initializer);
+        prune(g);
+        g.input.retain(|i| i.name != tensor::USE_CACHE_BRANCH);
+        Ok(true)
     }
 }
 

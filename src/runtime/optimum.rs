@@ -1,9 +1,10 @@
 //! Optimum's `image-to-text-with-past` layouts: the decoder graphs take the encoder output and
 //! recompute the cross-attention keys/values at every step; the self-attention cache is fed back
 //! as `past_key_values.{i}.key/value`. The decoder is either two graphs (`decoder_model` for the
-//! first step, `decoder_with_past_model` after) or Optimum's merged one, which is specialized at
-//! load into the same two plans (see [`OnnxFile::specialize_use_cache`]); a merged decoder
-//! without an `If` (this project's export) is one plan for every step, fed an empty past first.
+//! first step, `decoder_with_past_model` after) or Optimum's merged one: its `If` is replaced at
+//! load by the cache branch (see [`OnnxFile::specialize_use_cache`]) and, like a merged decoder
+//! written without an `If` (this project's export), it is one plan for every step, given an empty
+//! past first.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,12 +49,13 @@ impl OptimumRuntime {
     /// Loads the encoder and the decoder plans (weights of `dtype`) and checks them against
     /// `assets.config` (input and output names, declared shapes, vocabulary). Errors:
     /// [`Error::Bundle`] naming the graph file.
-    pub fn load(assets: &ModelAssets, encoder: &OnnxFile, decoder: &DecoderFiles, dtype: Dtype) -> Result<Self> {
+    pub fn load(assets: &ModelAssets, encoder: OnnxFile, decoder: DecoderFiles, dtype: Dtype) -> Result<Self> {
         let cfg = &assets.config;
         let (h, w) = (assets.preprocess.size.height, assets.preprocess.size.width);
         let enc_seq = cfg.encoder.seq_len();
         let enc_dim = cfg.encoder.hidden_size;
         let (n_layer, heads, head_dim) = (cfg.decoder.n_layer, cfg.decoder.n_head, cfg.decoder.head_dim());
+        let encoder_path = encoder.path.clone();
         let encoder_graph = Graph::load(
             encoder,
             |_| vec![InputSpec::new(tensor::PIXEL_VALUES, f32::datum_type(), [1, 3, h, w].map(TDim::from).to_vec())],
@@ -83,35 +85,29 @@ impl OptimumRuntime {
             }
             v
         };
-        let layout = match decoder {
+        let layout = match &decoder {
             DecoderFiles::Split { .. } => GraphLayout::Optimum,
             DecoderFiles::Merged(_) => GraphLayout::OptimumMerged,
         };
         let (first, later, files) = match decoder {
             DecoderFiles::Split { decoder, decoder_with_past } => {
+                let paths = vec![decoder.path.clone(), decoder_with_past.path.clone()];
                 let first = Graph::load(decoder, specs, &dec_outputs)?;
                 let later = Graph::load(decoder_with_past, specs, &dec_outputs)?;
-                (Arc::new(first), Arc::new(later), vec![decoder.path.clone(), decoder_with_past.path.clone()])
+                (Arc::new(first), Arc::new(later), paths)
             }
-            DecoderFiles::Merged(file) => {
-                let plans = match (file.specialize_use_cache(false)?, file.specialize_use_cache(true)?) {
-                    (Some(no_past), Some(with_past)) => {
-                        let first = Graph::from_proto(&file.path, &no_past, specs, &dec_outputs)?;
-                        (Arc::new(first), Arc::new(Graph::from_proto(&file.path, &with_past, specs, &dec_outputs)?))
-                    }
-                    _ => {
-                        let one = Arc::new(Graph::load(file, specs, &dec_outputs)?);
-                        (Arc::clone(&one), one)
-                    }
-                };
-                (plans.0, plans.1, vec![file.path.clone()])
+            DecoderFiles::Merged(mut file) => {
+                file.specialize_use_cache()?;
+                let paths = vec![file.path.clone()];
+                let one = Arc::new(Graph::load(file, specs, &dec_outputs)?);
+                (Arc::clone(&one), one, paths)
             }
         };
         if !later.has_input(&past_names[0]) {
             return Err(Error::bundle(later.path(), "the decoder for later steps takes no past_key_values: is this a decoder_with_past_model?"));
         }
         first.check_last_dim(tensor::LOGITS, cfg.decoder.vocab_size, "entries but config.json says vocab_size =")?;
-        let mut all = vec![encoder.path.clone()];
+        let mut all = vec![encoder_path];
         all.extend(files);
         Ok(OptimumRuntime { layout, dtype, files: all, encoder: encoder_graph, decoder: first, decoder_with_past: later, heads, head_dim, past_names, present_names })
     }
