@@ -4,24 +4,19 @@
 //! on the host, the model is trained and exported with candle.
 
 pub mod bench;
-pub mod broker;
 pub mod bundle;
-pub mod camera;
 pub mod caption;
 pub mod cli;
 pub mod config;
-pub mod daemon;
 pub mod error;
 #[cfg(feature = "host")]
 pub mod export;
 pub mod generate;
-pub mod mqtt;
-pub mod node_config;
 #[cfg(feature = "host")]
 pub mod model;
+pub mod node;
 pub mod preprocess;
 pub mod runtime;
-pub mod spool;
 pub mod tokenizer;
 #[cfg(feature = "host")]
 pub mod train;

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use image::{Rgb, RgbImage};
-use vitgpt2::camera::{self, FrameSource, SourceEvent};
-use vitgpt2::node_config::PixelFormat;
+use vitgpt2::node::camera::{self, FrameSource, SourceEvent};
+use vitgpt2::node::config::PixelFormat;
 
 fn close(a: [u8; 3], b: [u8; 3], tol: u8) -> bool {
     a.iter().zip(b.iter()).all(|(x, y)| x.abs_diff(*y) <= tol)
@@ -49,8 +49,8 @@ fn yuyv_buffer_to_rgb() {
 
 #[test]
 fn bad_yuyv_buffers_are_errors() {
-    assert!(camera::yuyv_to_rgb(3, 2, &[0; 12]).unwrap_err().contains("even"));
-    assert!(camera::yuyv_to_rgb(4, 2, &[0; 15]).unwrap_err().contains("expected 16"));
+    assert!(camera::yuyv_to_rgb(3, 2, &[0; 12]).unwrap_err().to_string().contains("even"));
+    assert!(camera::yuyv_to_rgb(4, 2, &[0; 15]).unwrap_err().to_string().contains("expected 16"));
     assert!(camera::yuyv_to_rgb(0, 2, &[]).is_err());
     // Drivers may pad the buffer: extra bytes are ignored.
     assert!(camera::yuyv_to_rgb(2, 1, &[16, 128, 16, 128, 0, 0]).is_ok());
@@ -81,7 +81,7 @@ fn mjpeg_buffer_to_rgb_matches_file_decoding() {
 #[test]
 fn corrupt_mjpeg_is_an_error() {
     let frame = jpeg(&test_pattern(32, 32));
-    let err = camera::mjpeg_to_rgb(&frame[..frame.len() / 3]).unwrap_err();
+    let err = camera::mjpeg_to_rgb(&frame[..frame.len() / 3]).unwrap_err().to_string();
     assert!(err.starts_with("MJPEG frame"), "{err}");
     assert!(camera::mjpeg_to_rgb(b"not a jpeg").is_err());
 }
@@ -119,7 +119,7 @@ fn directory_source_takes_each_new_image_once_in_order_and_skips_corrupt_ones() 
     std::fs::write(dir.path().join("c.jpg"), b"\xff\xd8\xff garbage").unwrap();
     img.save(dir.path().join("d.png")).unwrap();
     match next_event(&mut src, Duration::from_secs(3)) {
-        SourceEvent::Bad { origin, error } => assert!(origin.ends_with("c.jpg") && !error.is_empty()),
+        SourceEvent::Bad { origin, error } => assert!(origin.ends_with("c.jpg") && !error.to_string().is_empty()),
         _ => panic!("expected the corrupt image to be reported"),
     }
     match next_event(&mut src, Duration::from_secs(3)) {
@@ -157,7 +157,7 @@ fn files_source_expands_globs_in_order_and_ends() {
         }
     }
     assert_eq!(got, ["1.png", "2.png", "3.png"]);
-    let err = camera::FilesSource::new(&[format!("{}/*.jpg", dir.path().display())], false, 1.0).err().unwrap();
+    let err = camera::FilesSource::new(&[format!("{}/*.jpg", dir.path().display())], false, 1.0).err().unwrap().to_string();
     assert!(err.contains("matches no file"), "{err}");
 }
 

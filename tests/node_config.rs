@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use vitgpt2::node_config::{NodeConfig, SourceKind};
+use vitgpt2::node::config::{NodeConfig, SourceKind};
 
 // Tables left empty so that each case can add its own key without a duplicate.
 const GOOD: &str = r#"[model]
@@ -26,7 +26,7 @@ fn err_with(table: &str, line: &str) -> String {
     let text = GOOD.replace(&format!("[{table}]\n"), &format!("[{table}]\n{line}\n"));
     match NodeConfig::parse(&text, "node.toml") {
         Ok(_) => panic!("`[{table}] {line}` was accepted"),
-        Err(e) => e.0,
+        Err(e) => e.to_string(),
     }
 }
 
@@ -97,12 +97,12 @@ fn cross_field_errors_name_the_field() {
     ];
     for (extra, field, words) in cases {
         let text = format!("[model]\ndir = \"m\"\n{extra}");
-        let err = NodeConfig::parse(&text, "node.toml").expect_err(extra).0;
+        let err = NodeConfig::parse(&text, "node.toml").expect_err(extra).to_string();
         assert!(err.starts_with("node.toml:"), "{err}");
         assert!(err.contains(field) && err.contains(words), "`{extra}`: {err}");
     }
     // A missing required table.
-    let err = NodeConfig::parse("[source]\nkind = \"synthetic\"\n", "node.toml").unwrap_err().0;
+    let err = NodeConfig::parse("[source]\nkind = \"synthetic\"\n", "node.toml").unwrap_err().to_string();
     assert!(err.contains("model"), "{err}");
 }
 
