@@ -177,3 +177,62 @@ fn synthetic_source_and_change_gate() {
     let white = camera::thumbnail(&RgbImage::from_pixel(64, 48, Rgb([255, 255, 255])));
     assert!((camera::difference(&black, &white) - 1.0).abs() < 1e-9);
 }
+
+/// Writes `bytes` to `path` in two halves with a pause between them, as a network copy or a
+/// camera flushing in bursts does (B2-22).
+fn write_in_two_halves(path: &std::path::Path, bytes: &[u8], pause: Duration) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&bytes[..bytes.len() / 2]).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(pause);
+    f.write_all(&bytes[bytes.len() / 2..]).unwrap();
+}
+
+/// Every event of `src` over `d`, Idle left out.
+fn events_for(src: &mut dyn FrameSource, d: Duration) -> Vec<(String, bool)> {
+    let end = Instant::now() + d;
+    let mut out = Vec::new();
+    while Instant::now() < end {
+        match src.next(Duration::from_millis(20)) {
+            SourceEvent::Frame { origin, .. } => out.push((origin.rsplit('/').next().unwrap().to_string(), true)),
+            SourceEvent::Bad { origin, .. } => out.push((origin.rsplit('/').next().unwrap().to_string(), false)),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn watched_folder_takes_files_once_complete_and_retries_one_read_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let jpg = std::fs::read(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/street.jpg")).unwrap();
+    let mut png = Vec::new();
+    test_pattern(64, 48).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let settle = Duration::from_millis(400);
+    let mut src = camera::DirectorySource::new(dir.path().to_path_buf(), true, Duration::from_millis(30)).settle(settle);
+
+    // A writer pausing for less than the settle time: never read half-written.
+    let (d, p) = (dir.path().to_path_buf(), png.clone());
+    let writer = std::thread::spawn(move || write_in_two_halves(&d.join("a_short_pause.png"), &p, Duration::from_millis(200)));
+    let got = events_for(&mut src, Duration::from_millis(1500));
+    writer.join().unwrap();
+    assert_eq!(got, [("a_short_pause.png".to_string(), true)]);
+
+    // A writer pausing for longer (1.5 s, as in B2-22): read half-written once (one warning),
+    // taken again when it changes, captioned once.
+    for (name, bytes) in [("b_slow.jpg", &jpg), ("c_slow.png", &png)] {
+        let (d, b) = (dir.path().join(name), bytes.clone());
+        let writer = std::thread::spawn(move || write_in_two_halves(&d, &b, Duration::from_millis(1500)));
+        let got = events_for(&mut src, Duration::from_millis(3000));
+        writer.join().unwrap();
+        assert_eq!(got, [(name.to_string(), false), (name.to_string(), true)], "{name}");
+    }
+
+    // A file that stays broken: one warning, never read again.
+    std::fs::write(dir.path().join("d_broken.jpg"), &jpg[..jpg.len() / 2]).unwrap();
+    assert_eq!(events_for(&mut src, Duration::from_millis(1500)), [("d_broken.jpg".to_string(), false)]);
+    // A complete file written in one go, and nothing taken twice.
+    std::fs::write(dir.path().join("e_fast.jpg"), &jpg).unwrap();
+    assert_eq!(events_for(&mut src, Duration::from_millis(1500)), [("e_fast.jpg".to_string(), true)]);
+}

@@ -136,3 +136,59 @@ fn check_config_command() {
     assert!(err.contains(&format!("{}:5:", bad.display())) && err.contains("mqtt.qos"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// `check-config` as a pre-deploy lint: paths missing here are warnings (exit 0); `--strict`
+/// opens the model bundle, the spool folder, the password file and the camera and fails on
+/// any of them (exit 2), one line each.
+#[test]
+fn check_config_warns_about_missing_paths_and_strict_opens_everything() {
+    let bin = env!("CARGO_BIN_EXE_vitgpt2-node");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("board.toml");
+    // A file where the spool's parent folder should be: cannot be created, even by root.
+    std::fs::write(dir.path().join("blocker"), "").unwrap();
+    std::fs::write(
+        &cfg,
+        "[model]\ndir = \"/nonexistent/model\"\n\n[source]\nkind = \"camera\"\ndevice = 57\n\n\
+         [mqtt]\nusername = \"node\"\npassword_file = \"/nonexistent/secret\"\n\n[spool]\ndir = \"blocker/spool\"\n",
+    )
+    .unwrap();
+    let run = |strict: bool| {
+        let mut c = Command::new(bin);
+        c.arg("check-config");
+        if strict {
+            c.arg("--strict");
+        }
+        let out = c.arg(&cfg).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let fields = ["model.dir", "source.device", "mqtt.password_file", "spool.dir"];
+
+    let (code, out, err) = run(false);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ok (4 warnings)"), "{out}");
+    for f in fields {
+        assert!(err.lines().any(|l| l.starts_with("warning: ") && l.contains(f) && l.contains("does not exist")), "{f} in: {err}");
+    }
+
+    let (code, _, err) = run(true);
+    assert_eq!(code, Some(2), "{err}");
+    for f in fields {
+        assert!(err.lines().any(|l| l.starts_with("error: ") && l.contains(f)), "{f} in: {err}");
+    }
+    assert!(err.contains("/dev/video57"), "{err}");
+
+    // The demo opens fine, strictly: its bundle loads, its spool folder takes files.
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("firmware-config/demo.toml");
+    let ok = Command::new(bin).args(["check-config", "--strict"]).arg(&demo).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), format!("{}: ok", demo.display()), "no warnings for the demo");
+
+    // A file source faster than the captions is a warning (latency would grow without end).
+    let fast = dir.path().join("fast.toml");
+    let text = std::fs::read_to_string(&demo).unwrap().replace("rate = 1.0", "rate = 4.0").replace("../models", &format!("{}/models", env!("CARGO_MANIFEST_DIR")));
+    std::fs::write(&fast, text).unwrap();
+    let out = Command::new(bin).arg("check-config").arg(&fast).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("source.rate"), "{}", String::from_utf8_lossy(&out.stderr));
+}

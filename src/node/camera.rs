@@ -78,6 +78,7 @@ pub fn is_image(p: &Path) -> bool {
 
 /// Reads and decodes one image file (EXIF orientation applied, as for `caption`).
 pub fn read_frame(path: &Path) -> SourceEvent {
+    super::fault("frame");
     let origin = path.display().to_string();
     match crate::preprocess::load_image(path) {
         Ok(image) => SourceEvent::Frame { image, origin },
@@ -183,6 +184,7 @@ impl FrameSource for SyntheticSource {
 
 /// A camera frame as the driver hands it over. Errors: [`Error::Frame`].
 pub fn frame_to_rgb(format: PixelFormat, width: u32, height: u32, data: &[u8]) -> Result<RgbImage> {
+    super::fault("frame");
     match format {
         PixelFormat::Mjpeg => mjpeg_to_rgb(data),
         PixelFormat::Yuyv => yuyv_to_rgb(width, height, data),

@@ -178,6 +178,8 @@ impl Default for ScheduleSection {
 pub struct MqttSection {
     /// false: captions go to the spool and the log only.
     pub enabled: bool,
+    /// "3.1.1" or "5".
+    pub version: MqttVersion,
     #[serde(deserialize_with = "non_empty")]
     pub host: String,
     #[serde(deserialize_with = "port")]
@@ -234,6 +236,7 @@ impl Default for MqttSection {
     fn default() -> Self {
         MqttSection {
             enabled: true,
+            version: MqttVersion::V311,
             host: "localhost".into(),
             port: 1883,
             client_id: None,
@@ -257,6 +260,17 @@ impl Default for MqttSection {
             shutdown_flush_s: 5,
         }
     }
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum MqttVersion {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// The broker states its maximum packet size in CONNACK and why it refuses a message.
+    #[serde(rename = "5")]
+    V5,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -106,7 +106,8 @@ pub struct Stats {
     pub incoming_dropped: u64,
     /// Status/stats/discovery messages the broker refused (dropped).
     pub refused_dropped: u64,
-    /// Why the last connection ended or the last attempt failed; null while none has.
+    /// Why the last connection ended or the last attempt failed (cut to 160 bytes); null while
+    /// none has, and again once a connection has held for 10 s.
     pub link_error: Option<String>,
 }
 

@@ -133,7 +133,7 @@ pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 
 /// Fault injection for the daemon's tests, in debug builds only: panics at `point` when
 /// `VITGPT2_FAULT` lists it (`point` every time, `point:N` the first N times), e.g.
-/// `VITGPT2_FAULT=caption:1`. Points: `frame` (reading a frame), `caption` (the model).
+/// `VITGPT2_FAULT=caption:1`. Points: `frame` (decoding a frame), `caption` (the model).
 #[cfg(debug_assertions)]
 pub(crate) fn fault(point: &str) {
     use std::collections::HashMap;

@@ -62,7 +62,8 @@ pub fn publish_loop(
             let empty = lock(spool).is_empty();
             if (empty && link.unacked() == 0) || Instant::now() >= deadline {
                 if !empty {
-                    tracing::warn!("shutdown: broker did not take every caption in time; the rest stay in the spool for the next run");
+                    let next = if cfg.spool.replay { "the next run sends them first" } else { "spool.replay = false: the next run deletes them" };
+                    tracing::warn!(spool = lock(spool).len(), "shutdown: broker did not take every caption in time; they stay in the spool ({next})");
                 }
                 shutdown(link, spool, &status_topic);
                 return;

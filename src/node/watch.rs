@@ -109,20 +109,20 @@ impl DirectorySource {
     }
 
     fn take(&mut self, path: PathBuf, sig: Signature) -> SourceEvent {
+        // Marked as failed until it decodes: a decoder that panics on it (the capture thread
+        // catches that) leaves it marked, so it is not read again unless it changes.
+        let first = self.reported.insert(path.clone());
+        self.failed.insert(path.clone(), sig);
         match read_frame(&path) {
             ev @ SourceEvent::Frame { .. } => {
+                self.failed.remove(&path);
                 self.done.insert(path);
                 ev
             }
-            SourceEvent::Bad { origin, error } => {
-                // Reported (and counted) once per file: failures after a change are quiet.
-                self.failed.insert(path.clone(), sig);
-                if self.reported.insert(path) {
-                    SourceEvent::Bad { origin, error }
-                } else {
-                    tracing::debug!(frame = %origin, error = %error, "frame still cannot be decoded");
-                    SourceEvent::Idle
-                }
+            // Reported (and counted) once per file: failures after a change are quiet.
+            SourceEvent::Bad { origin, error } if !first => {
+                tracing::debug!(frame = %origin, error = %error, "frame still cannot be decoded");
+                SourceEvent::Idle
             }
             other => other,
         }

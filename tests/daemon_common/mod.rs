@@ -90,8 +90,11 @@ impl Drop for Broker {
 }
 
 /// A subscriber that records every message, resubscribing after each reconnect.
+/// Every message received: topic, payload, retain flag.
+pub type Received = Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>;
+
 pub struct Sub {
-    pub msgs: Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>,
+    pub msgs: Received,
     pub client: Client,
     pub subacked: Arc<Mutex<u32>>,
 }

@@ -85,6 +85,48 @@ pub fn describe(e: &ConnectionError, at: &Endpoint, connected: bool) -> Cause {
     }
 }
 
+/// The same for the MQTT 5 client, whose broker can also say why it disconnects.
+pub fn describe_v5(e: &rumqttc::v5::ConnectionError, at: &Endpoint, connected: bool) -> Cause {
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as C, DisconnectReasonCode as D};
+    use rumqttc::v5::{ConnectionError as E, StateError as S};
+    use CauseKind::*;
+    let refused = |what: &str| Cause::new(Permanent, format!("mqtt: broker {at} refused the login: {what}"));
+    match e {
+        E::ConnectionRefused(C::BadUserNamePassword) => refused("bad user name or password; check mqtt.username and mqtt.password_file/password_env"),
+        E::ConnectionRefused(C::NotAuthorized) => refused("not authorized; check mqtt.username, the password and the broker's ACL"),
+        E::ConnectionRefused(C::ClientIdentifierNotValid) => refused("client id not valid; set mqtt.client_id to letters and digits"),
+        E::ConnectionRefused(C::UnsupportedProtocolVersion) => {
+            Cause::new(Permanent, format!("mqtt: broker {at} does not speak MQTT 5: set mqtt.version = \"3.1.1\""))
+        }
+        E::ConnectionRefused(code) => Cause::new(Permanent, format!("mqtt: broker {at} refused the connection: {code:?}")),
+        E::Tls(t) => tls(&one_line(&t.to_string()), at),
+        E::MqttState(S::Deserialization(rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { pkt_size, .. })) | E::MqttState(S::IncomingPacketTooLarge { pkt_size, .. }) => {
+            Cause::new(IncomingTooLarge(*pkt_size), format!("mqtt: broker {at} sent a {pkt_size}-byte packet, over mqtt.max_incoming_bytes"))
+        }
+        E::MqttState(S::ServerDisconnect { reason_code, reason_string }) => {
+            let why = reason_string.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+            let kind = match reason_code {
+                D::PacketTooLarge => Closed,
+                D::NotAuthorized => Permanent,
+                _ => Other,
+            };
+            let hint = match reason_code {
+                D::PacketTooLarge => " (a message over the broker's maximum packet size)",
+                D::SessionTakenOver => " (another client connected with the same client id: mqtt.client_id / device_id)",
+                _ => "",
+            };
+            Cause::new(kind, format!("mqtt: broker {at} disconnected us: {reason_code:?}{why}{hint}"))
+        }
+        E::MqttState(S::AwaitPingResp) => {
+            Cause::new(Other, format!("mqtt: broker {at} stopped answering (no PINGRESP within mqtt.keep_alive_s): network or broker down"))
+        }
+        E::MqttState(S::ConnectionAborted) => closed(at, connected, "end of stream"),
+        E::MqttState(S::Io(io)) | E::MqttState(S::Deserialization(rumqttc::v5::mqttbytes::Error::Io(io))) | E::Io(io) => io_error(io, at, connected),
+        E::Timeout(_) => Cause::new(Other, format!("mqtt: no answer from {at} in time: is mqtt.host right, and is a firewall dropping packets?")),
+        other => Cause::new(Other, format!("mqtt: connection to {at} lost: {}", one_line(&other.to_string()))),
+    }
+}
+
 fn tls(msg: &str, at: &Endpoint) -> Cause {
     // A plain-MQTT listener answers a TLS ClientHello with garbage or hangs up.
     let plain_port = ["InvalidContentType", "corrupt message", "eof", "EOF", "reset", "closed"].iter().any(|w| msg.contains(w));

@@ -58,6 +58,9 @@ pub enum Event {
     Written(u16),
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) for this packet identifier.
     Acked(u16),
+    /// MQTT 5: the broker answered with a failure reason code (not authorized, quota
+    /// exceeded, topic invalid…): it will never take this message.
+    Refused { pkid: u16, reason: String },
     /// A PUBLISH from the broker.
     Message { topic: String, payload: Vec<u8> },
     /// Any other packet from the broker.
@@ -89,6 +92,8 @@ pub struct Settings {
     /// Captions larger than this (payload bytes) are set aside.
     pub max_payload: usize,
     pub dead_letter_after: u32,
+    /// MQTT 5 (packet sizes count the property length).
+    pub v5: bool,
 }
 
 /// The link's counters, for `…/stats`.
@@ -104,7 +109,8 @@ pub struct LinkStats {
     pub refused_dropped: u64,
     /// Incoming messages ignored (commands over [`MAX_COMMAND_BYTES`]).
     pub incoming_dropped: u64,
-    /// Why the last connection ended or the last attempt failed; `None` while none has.
+    /// Why the last connection ended or the last attempt failed; `None` while none has, and
+    /// again once a connection has held for [`STABLE`].
     pub last_error: Option<String>,
 }
 
@@ -296,7 +302,7 @@ impl Session {
                     continue;
                 }
             };
-            let size = packet_size(&self.s.caption_topic, payload.len(), self.s.qos, false);
+            let size = packet_size(&self.s.caption_topic, payload.len(), self.s.qos, self.s.v5);
             if let Some(why) = self.too_big(payload.len(), size) {
                 self.stats.oversize_dropped += 1;
                 self.set_aside(spool, id, size, &why);
@@ -325,12 +331,12 @@ impl Session {
     /// Whether a non-caption message of `payload` bytes on `topic` is under the broker's
     /// packet size limit, as far as it is known.
     pub fn fits(&self, topic: &str, payload: usize) -> bool {
-        let size = packet_size(topic, payload, QoS::AtLeastOnce, false);
+        let size = packet_size(topic, payload, QoS::AtLeastOnce, self.s.v5);
         !(self.broker_max.is_some_and(|m| size > m) || self.limit.is_some_and(|l| size >= l))
     }
 
     fn send_other(&mut self, now: Instant, q: Queued, wire: &mut dyn Wire) -> bool {
-        let size = packet_size(&q.topic, q.payload.len(), QoS::AtLeastOnce, false);
+        let size = packet_size(&q.topic, q.payload.len(), QoS::AtLeastOnce, self.s.v5);
         if !self.fits(&q.topic, q.payload.len()) {
             self.stats.refused_dropped += 1;
             tracing::warn!(topic = %q.topic, bytes = size, "mqtt: message not sent: over the broker's packet size limit");
@@ -390,6 +396,22 @@ impl Session {
                 self.strikes.remove(&sent.subject);
                 None
             }
+            Event::Refused { pkid, reason } => {
+                let sent = self.inflight.remove(&pkid)?;
+                self.strikes.remove(&sent.subject);
+                let why = format!("the broker refused it ({reason})");
+                match sent.subject {
+                    Subject::Caption(id) => self.set_aside(spool, id, sent.size, &why),
+                    Subject::Topic(t) => {
+                        self.stats.refused_dropped += 1;
+                        tracing::error!(topic = %t, bytes = sent.size, "mqtt: message dropped: {why}");
+                    }
+                }
+                if sent.offline {
+                    self.offline_acked = true; // answered: nothing more will come
+                }
+                None
+            }
             Event::Message { topic, payload } => self.message(topic, payload),
             Event::Other => None,
             Event::Lost(cause) => {
@@ -430,6 +452,7 @@ impl Session {
         self.backoff.reset();
         self.careful = false;
         self.failures = 0;
+        self.stats.last_error = None;
     }
 
     fn lost(&mut self, cause: Cause, now: Instant, spool: &mut Spool, wire: &mut dyn Wire) {

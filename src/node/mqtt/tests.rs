@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{ConnAck, ConnectReturnCode, ConnectionError, Outgoing, Packet, PubAck, Publish, QoS};
 
 use super::cause::{describe, Cause, CauseKind, Endpoint};
-use super::from_v4;
+use super::{from_v4, from_v5};
 use super::session::{Event, Inbound, Session, Settings, Wire, MAX_COMMAND_BYTES, STABLE};
 use crate::node::backoff::Backoff;
 use crate::node::config::{FsyncPolicy, SpoolSection};
@@ -69,6 +69,7 @@ fn settings(qos: QoS, window: usize) -> Settings {
         window,
         max_payload: 1000,
         dead_letter_after: 3,
+        v5: false,
     }
 }
 
@@ -384,6 +385,44 @@ fn the_brokers_mqtt5_limit_is_checked_before_sending() {
     r.pump();
     assert_eq!(r.wire.captions(), ["small"]);
     assert_eq!(r.session.stats().oversize_dropped, 1);
+}
+
+#[test]
+fn mqtt5_refusals_and_limits_come_from_the_broker() {
+    use rumqttc::v5::mqttbytes::v5 as p5;
+    let mut r = Rig::new(QoS::AtLeastOnce, 10, &["a", &"y".repeat(300), "c"]);
+    r.session.connecting();
+    let props = p5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: Some(200),
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    };
+    let connack = rumqttc::v5::Event::Incoming(p5::Packet::ConnAck(p5::ConnAck { session_present: false, code: p5::ConnectReturnCode::Success, properties: Some(props) }));
+    r.feed(from_v5(connack).unwrap());
+    r.pump();
+    assert_eq!(r.wire.take(), ["a", "c"], "the 300-byte one is over the advertised 200");
+    r.written(1, 2);
+    let puback = |pkid, reason| rumqttc::v5::Event::Incoming(p5::Packet::PubAck(p5::PubAck { pkid, reason, properties: None }));
+    r.feed(from_v5(puback(1, p5::PubAckReason::NotAuthorized)).unwrap());
+    r.feed(from_v5(puback(2, p5::PubAckReason::NoMatchingSubscribers)).unwrap());
+    assert!(r.left().is_empty());
+    assert_eq!(r.spool.counts().dead_lettered, 2, "the refused one and the oversized one are kept aside");
+    assert_eq!(r.session.stats().oversize_dropped, 1);
+    assert!(r.session.connected(), "no reconnect needed");
 }
 
 #[test]
