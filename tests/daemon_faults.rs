@@ -69,18 +69,7 @@ fn a_caption_over_the_brokers_packet_limit_is_dead_lettered_and_the_rest_flow() 
     let tmp = tempfile::tempdir().unwrap();
     let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
     std::fs::create_dir_all(&watch).unwrap();
-    // The source name is part of the message: a very long file name makes a large one.
-    drop_images(&watch, "a", 1);
-    let big = format!("{}.jpg", "x".repeat(240));
-    std::fs::copy(fixtures().join("images/street.jpg"), watch.join(&big)).unwrap();
-    drop_images(&watch, "z", 2);
-    let probe_spool = tmp.path().join("probe-spool");
-    let probe = Node::start(tmp.path(), "probe", &config(&watch, &probe_spool, free_port(), "enabled = false", ""));
-    wait_until("probe captions", Duration::from_secs(30), || spooled(&probe_spool).len() == 4);
-    drop(probe);
-    let sizes: Vec<usize> = spooled(&probe_spool).iter().map(|v| v.to_string().len()).collect();
-    let normal = sizes.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, s)| *s).max().unwrap();
-    assert!(sizes[1] > normal + 200, "{sizes:?}");
+    let (big, normal) = normal_and_big_images(tmp.path(), &watch);
 
     // mosquitto drops the connection of a client that sends a packet over max_packet_size.
     let port = free_port();
@@ -184,23 +173,6 @@ fn when_the_disk_refuses_spool_writes_no_caption_is_lost_uncounted() {
     assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(0), "{}", node.log());
 }
 
-fn node_with_fault(dir: &Path, name: &str, cfg: &str, fault: &str) -> Node {
-    let cfg_path = dir.join(format!("{name}.toml"));
-    std::fs::write(&cfg_path, cfg).unwrap();
-    let (stdout, stderr) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vitgpt2-node"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .env("RUST_LOG", "info")
-        .env("VITGPT2_FAULT", fault)
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    Node { child, stderr, stdout }
-}
-
 #[test]
 fn a_panic_on_one_frame_or_caption_is_counted_and_a_dying_thread_exits_non_zero_with_offline() {
     let bin = need_mosquitto!();
@@ -213,7 +185,7 @@ fn a_panic_on_one_frame_or_caption_is_counted_and_a_dying_thread_exits_non_zero_
     drop_images(&watch, "a", 4);
 
     // One panic in the model and one in a frame's decoding: skipped, counted, the rest go on.
-    let mut node = node_with_fault(tmp.path(), "once", &config(&watch, &tmp.path().join("s1"), port, "", ""), "caption:1,frame:1");
+    let mut node = Node::start_with(tmp.path(), "once", &config(&watch, &tmp.path().join("s1"), port, "", ""), &[("VITGPT2_FAULT", "caption:1,frame:1")]);
     wait_until("2 captions", Duration::from_secs(30), || sub.captions("t/cam1/caption").len() >= 2);
     wait_until("stats", Duration::from_secs(5), || all_stats(&sub).iter().any(|s| s["caption_errors"] == 1 && s["bad_frames"] == 1 && s["captions"] == 2));
     // The file whose decoding panicked is not read again (a restart would not help either).
@@ -225,7 +197,7 @@ fn a_panic_on_one_frame_or_caption_is_counted_and_a_dying_thread_exits_non_zero_
     // A model that panics on every frame: the captioning thread gives up, the daemon
     // publishes offline and exits 2 (systemd's Restart=on-failure restarts it).
     let before = sub.on("t/cam1/status").len();
-    let mut node = node_with_fault(tmp.path(), "always", &config(&watch, &tmp.path().join("s2"), port, "", ""), "caption");
+    let mut node = Node::start_with(tmp.path(), "always", &config(&watch, &tmp.path().join("s2"), port, "", ""), &[("VITGPT2_FAULT", "caption")]);
     let code = node.wait_exit(Duration::from_secs(30));
     let log = node.log();
     assert_eq!(code, Some(2), "{log}");

@@ -252,17 +252,8 @@ fn payload_over_the_broker_limit_does_not_wedge_the_connection() {
     let tmp = tempfile::tempdir().unwrap();
     let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
     std::fs::create_dir_all(&watch).unwrap();
-    // The source name is part of the message: a very long file name makes a large message.
-    drop_images(&watch, "a", 1);
-    let big = format!("{}.jpg", "x".repeat(240));
-    std::fs::copy(fixtures().join("images/street.jpg"), watch.join(&big)).unwrap();
-    drop_images(&watch, "z", 2);
     // Measure a normal message, then limit the broker just above it.
-    let probe = Node::start(tmp.path(), "probe", &config(&watch, &tmp.path().join("probe-spool"), free_port(), "", ""));
-    wait_until("probe captions", Duration::from_secs(30), || spooled(&tmp.path().join("probe-spool")).len() == 4);
-    drop(probe);
-    let sizes: Vec<usize> = spooled(&tmp.path().join("probe-spool")).iter().map(|v| v.to_string().len()).collect();
-    let normal = sizes.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, s)| *s).max().unwrap();
+    let (_, normal) = normal_and_big_images(tmp.path(), &watch);
     let port = free_port();
     let _broker = Broker::start(&bin, tmp.path(), port, &format!("message_size_limit {}", normal + 100));
     let sub = Sub::start(port, &["t/cam1/caption"]);

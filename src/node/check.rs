@@ -31,9 +31,12 @@ pub fn check_config(opts: &CheckConfigOptions) -> Result<i32> {
     let cfg = NodeConfig::load(&opts.file)?;
     let file = opts.file.display();
     let warnings = lint(&cfg, !opts.strict);
-    let mut errors = Vec::new();
+    let (mut errors, mut notes) = (Vec::new(), Vec::new());
     if opts.strict {
-        errors = open_everything(&cfg);
+        errors = open_everything(&cfg, &mut notes);
+    }
+    for n in &notes {
+        println!("{file}: {n}");
     }
     for w in &warnings {
         eprintln!("warning: {file}: {w}");
@@ -113,17 +116,18 @@ fn missing(field: &str, p: &Path, what: &str) -> Option<String> {
 }
 
 /// `--strict`: opens everything `run` opens; returns one line per failure.
-fn open_everything(cfg: &NodeConfig) -> Vec<String> {
+fn open_everything(cfg: &NodeConfig, notes: &mut Vec<String>) -> Vec<String> {
     let mut errors = Vec::new();
-    if let Err(e) = captioning::check_model(cfg) {
-        errors.push(format!("model.dir: {e}"));
+    match captioning::check_model(cfg) {
+        Ok(what) => notes.push(format!("model {} loads ({what})", cfg.model.dir.display())),
+        Err(e) => errors.push(format!("model.dir: {e}")),
     }
     if let Err(e) = spool::check_writable(&cfg.spool.dir) {
         errors.push(format!("spool.dir: {e}"));
     }
     match cfg.source.kind {
         SourceKind::Camera => match camera::probe_camera(&cfg.source) {
-            Ok(mode) => tracing::info!(mode = %mode, "camera opened"),
+            Ok(mode) => notes.push(format!("camera /dev/video{} opened, mode {mode}", cfg.source.device)),
             Err(e) => errors.push(format!("source.device: {e}")),
         },
         SourceKind::Directory => {

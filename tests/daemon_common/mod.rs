@@ -167,6 +167,10 @@ pub struct Node {
 
 impl Node {
     pub fn start(dir: &Path, name: &str, config: &str) -> Node {
+        Self::start_with(dir, name, config, &[])
+    }
+    /// The same with extra environment variables (e.g. `VITGPT2_FAULT`).
+    pub fn start_with(dir: &Path, name: &str, config: &str, env: &[(&str, &str)]) -> Node {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).unwrap();
         let (stdout, stderr) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
@@ -174,6 +178,7 @@ impl Node {
             .args(["run", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .env_remove("NOTIFY_SOCKET")
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -304,3 +309,21 @@ pub fn make_certs(dir: &Path) {
     openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"]);
 }
 
+/// Puts `a-0000.jpg`, a JPEG whose 240-character name makes its caption message much larger
+/// (the source name is part of the message), `z-0000.jpg` and `z-0001.jpg` into `watch`, and
+/// captions them once with no broker to measure. Returns the big file's name and the size of
+/// the largest normal message.
+pub fn normal_and_big_images(dir: &Path, watch: &Path) -> (String, usize) {
+    drop_images(watch, "a", 1);
+    let big = format!("{}.jpg", "x".repeat(240));
+    std::fs::copy(fixtures().join("images/street.jpg"), watch.join(&big)).unwrap();
+    drop_images(watch, "z", 2);
+    let probe_spool = dir.join("probe-spool");
+    let probe = Node::start(dir, "probe", &config(watch, &probe_spool, free_port(), "", ""));
+    wait_until("probe captions", Duration::from_secs(30), || spooled(&probe_spool).len() == 4);
+    drop(probe);
+    let sizes: Vec<usize> = spooled(&probe_spool).iter().map(|v| v.to_string().len()).collect();
+    let normal = sizes.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, s)| *s).max().unwrap();
+    assert!(sizes[1] > normal + 200, "{sizes:?}");
+    (big, normal)
+}
