@@ -25,6 +25,7 @@ pub enum SourceEvent {
     End,
 }
 
+/// A source of frames, polled by the capture thread.
 pub trait FrameSource: Send {
     /// Blocks at most about `wait` for the next event.
     fn next(&mut self, wait: Duration) -> SourceEvent;
@@ -232,9 +233,11 @@ pub fn difference(a: &Thumb, b: &Thumb) -> f64 {
     sum as f64 / (a.0.len().max(1) as f64 * 255.0)
 }
 
+/// Grey levels of a [`thumbnail`], row by row.
 #[derive(Clone)]
 pub struct Thumb(Vec<u8>);
 
+/// A 32x32 grey thumbnail of a frame, for the change gate ([`difference`]).
 pub fn thumbnail(img: &RgbImage) -> Thumb {
     const N: u32 = 32;
     let (w, h) = img.dimensions();

@@ -32,6 +32,7 @@ enum Entry {
     Memory(Vec<u8>),
 }
 
+/// The spool of one daemon (see the module documentation); one writer, shared behind a mutex.
 pub struct Spool {
     dir: PathBuf,
     max: usize,

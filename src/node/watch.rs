@@ -17,6 +17,7 @@ use crate::error::Error;
 /// What a file looked like when listed: size in bytes and modification time.
 type Signature = (u64, Option<SystemTime>);
 
+/// A watched folder as a [`FrameSource`]; see the module documentation.
 pub struct DirectorySource {
     dir: PathBuf,
     poll: Duration,

@@ -144,6 +144,7 @@ struct Queued {
     offline: bool,
 }
 
+/// The link's state: connection, what is in flight, backoff, strikes, counters.
 pub struct Session {
     s: Settings,
     backoff: Backoff,
