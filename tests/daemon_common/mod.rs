@@ -147,10 +147,6 @@ impl Sub {
     pub fn publish_retained(&self, topic: &str, payload: Vec<u8>) {
         self.client.publish(topic, QoS::AtLeastOnce, true, payload).unwrap();
     }
-    /// The last `…/stats` message, parsed.
-    pub fn last_stats(&self, topic: &str) -> Option<Value> {
-        self.on(topic).last().and_then(|(p, _)| serde_json::from_slice(p).ok())
-    }
 }
 
 impl Drop for Sub {
