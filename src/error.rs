@@ -67,6 +67,11 @@ pub enum Error {
     /// A daemon thread ended abnormally (a panic, or an error it could not recover from).
     #[error("{thread} thread failed: {msg}")]
     Thread { thread: String, msg: String },
+
+    /// A camera frame buffer could not be converted to RGB; `what` names the frame (e.g.
+    /// `MJPEG frame`, `YUYV frame 640x480`).
+    #[error("{what}: {msg}")]
+    Frame { what: String, msg: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -142,6 +147,14 @@ impl Error {
 
     pub fn mqtt(msg: impl fmt::Display) -> Self {
         Error::Mqtt(one_line(&msg.to_string()))
+    }
+
+    pub fn frame(what: impl Into<String>, msg: impl fmt::Display) -> Self {
+        Error::Frame { what: what.into(), msg: one_line(&msg.to_string()) }
+    }
+
+    pub fn thread(thread: impl Into<String>, msg: impl fmt::Display) -> Self {
+        Error::Thread { thread: thread.into(), msg: one_line(&msg.to_string()) }
     }
 
     pub fn spool(dir: impl AsRef<Path>, msg: impl fmt::Display) -> Self {

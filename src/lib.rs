@@ -1,7 +1,7 @@
 //! vitgpt2: French image captioning (ViT-GPT2) for edge devices.
 //!
 //! On the device, an int8 ViT-GPT2 bundle runs in tract ([`runtime`]) to caption camera frames
-//! ([`daemon`]); on the host, the model is trained and exported with candle (`model`, `train`,
+//! ([`node`]); on the host, the model is trained and exported with candle (`model`, `train`,
 //! `export`, cargo feature `host`). Every path from an image to a caption goes through one
 //! [`Captioner`]: a model's [`assets`] plus an [`engine`]. README, "How it is built", has the map.
 
@@ -49,13 +49,10 @@ fn word_list(words: &[&str]) -> String {
 
 pub mod assets;
 pub mod bench;
-pub mod broker;
 pub mod bundle;
-pub mod camera;
 pub mod captioner;
 pub mod commands;
 pub mod config;
-pub mod daemon;
 pub mod engine;
 pub mod error;
 #[cfg(feature = "host")]
@@ -63,13 +60,11 @@ pub mod export;
 pub mod generate;
 #[cfg(feature = "host")]
 pub mod model;
-pub mod mqtt;
-pub mod node_config;
+pub mod node;
 pub mod preprocess;
 #[cfg(feature = "host")]
 pub mod rng;
 pub mod runtime;
-pub mod spool;
 pub mod tokenizer;
 #[cfg(feature = "host")]
 pub mod train;

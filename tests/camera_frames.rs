@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use image::{Rgb, RgbImage};
-use vitgpt2::camera::{self, FrameSource, SourceEvent};
-use vitgpt2::node_config::PixelFormat;
+use vitgpt2::node::camera::{self, FrameSource, SourceEvent};
+use vitgpt2::node::config::PixelFormat;
 
 fn close(a: [u8; 3], b: [u8; 3], tol: u8) -> bool {
     a.iter().zip(b.iter()).all(|(x, y)| x.abs_diff(*y) <= tol)
@@ -49,8 +49,8 @@ fn yuyv_buffer_to_rgb() {
 
 #[test]
 fn bad_yuyv_buffers_are_errors() {
-    assert!(camera::yuyv_to_rgb(3, 2, &[0; 12]).unwrap_err().contains("even"));
-    assert!(camera::yuyv_to_rgb(4, 2, &[0; 15]).unwrap_err().contains("expected 16"));
+    assert!(camera::yuyv_to_rgb(3, 2, &[0; 12]).unwrap_err().to_string().contains("even"));
+    assert!(camera::yuyv_to_rgb(4, 2, &[0; 15]).unwrap_err().to_string().contains("expected 16"));
     assert!(camera::yuyv_to_rgb(0, 2, &[]).is_err());
     // Drivers may pad the buffer: extra bytes are ignored.
     assert!(camera::yuyv_to_rgb(2, 1, &[16, 128, 16, 128, 0, 0]).is_ok());
@@ -81,7 +81,7 @@ fn mjpeg_buffer_to_rgb_matches_file_decoding() {
 #[test]
 fn corrupt_mjpeg_is_an_error() {
     let frame = jpeg(&test_pattern(32, 32));
-    let err = camera::mjpeg_to_rgb(&frame[..frame.len() / 3]).unwrap_err();
+    let err = camera::mjpeg_to_rgb(&frame[..frame.len() / 3]).unwrap_err().to_string();
     assert!(err.starts_with("MJPEG frame"), "{err}");
     assert!(camera::mjpeg_to_rgb(b"not a jpeg").is_err());
 }
@@ -119,7 +119,7 @@ fn directory_source_takes_each_new_image_once_in_order_and_skips_corrupt_ones() 
     std::fs::write(dir.path().join("c.jpg"), b"\xff\xd8\xff garbage").unwrap();
     img.save(dir.path().join("d.png")).unwrap();
     match next_event(&mut src, Duration::from_secs(3)) {
-        SourceEvent::Bad { origin, error } => assert!(origin.ends_with("c.jpg") && !error.is_empty()),
+        SourceEvent::Bad { origin, error } => assert!(origin.ends_with("c.jpg") && !error.to_string().is_empty()),
         _ => panic!("expected the corrupt image to be reported"),
     }
     match next_event(&mut src, Duration::from_secs(3)) {
@@ -157,7 +157,7 @@ fn files_source_expands_globs_in_order_and_ends() {
         }
     }
     assert_eq!(got, ["1.png", "2.png", "3.png"]);
-    let err = camera::FilesSource::new(&[format!("{}/*.jpg", dir.path().display())], false, 1.0).err().unwrap();
+    let err = camera::FilesSource::new(&[format!("{}/*.jpg", dir.path().display())], false, 1.0).err().unwrap().to_string();
     assert!(err.contains("matches no file"), "{err}");
 }
 
@@ -176,4 +176,63 @@ fn synthetic_source_and_change_gate() {
     let black = camera::thumbnail(&RgbImage::new(64, 48));
     let white = camera::thumbnail(&RgbImage::from_pixel(64, 48, Rgb([255, 255, 255])));
     assert!((camera::difference(&black, &white) - 1.0).abs() < 1e-9);
+}
+
+/// Writes `bytes` to `path` in two halves with a pause between them, as a network copy or a
+/// camera flushing in bursts does (B2-22).
+fn write_in_two_halves(path: &std::path::Path, bytes: &[u8], pause: Duration) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&bytes[..bytes.len() / 2]).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(pause);
+    f.write_all(&bytes[bytes.len() / 2..]).unwrap();
+}
+
+/// Every event of `src` over `d`, Idle left out.
+fn events_for(src: &mut dyn FrameSource, d: Duration) -> Vec<(String, bool)> {
+    let end = Instant::now() + d;
+    let mut out = Vec::new();
+    while Instant::now() < end {
+        match src.next(Duration::from_millis(20)) {
+            SourceEvent::Frame { origin, .. } => out.push((origin.rsplit('/').next().unwrap().to_string(), true)),
+            SourceEvent::Bad { origin, .. } => out.push((origin.rsplit('/').next().unwrap().to_string(), false)),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn watched_folder_takes_files_once_complete_and_retries_one_read_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let jpg = std::fs::read(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/street.jpg")).unwrap();
+    let mut png = Vec::new();
+    test_pattern(64, 48).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let settle = Duration::from_millis(400);
+    let mut src = camera::DirectorySource::new(dir.path().to_path_buf(), true, Duration::from_millis(30)).settle(settle);
+
+    // A writer pausing for less than the settle time: never read half-written.
+    let (d, p) = (dir.path().to_path_buf(), png.clone());
+    let writer = std::thread::spawn(move || write_in_two_halves(&d.join("a_short_pause.png"), &p, Duration::from_millis(200)));
+    let got = events_for(&mut src, Duration::from_millis(1500));
+    writer.join().unwrap();
+    assert_eq!(got, [("a_short_pause.png".to_string(), true)]);
+
+    // A writer pausing for longer (1.5 s, as in B2-22): read half-written once (one warning),
+    // taken again when it changes, captioned once.
+    for (name, bytes) in [("b_slow.jpg", &jpg), ("c_slow.png", &png)] {
+        let (d, b) = (dir.path().join(name), bytes.clone());
+        let writer = std::thread::spawn(move || write_in_two_halves(&d, &b, Duration::from_millis(1500)));
+        let got = events_for(&mut src, Duration::from_millis(3000));
+        writer.join().unwrap();
+        assert_eq!(got, [(name.to_string(), false), (name.to_string(), true)], "{name}");
+    }
+
+    // A file that stays broken: one warning, never read again.
+    std::fs::write(dir.path().join("d_broken.jpg"), &jpg[..jpg.len() / 2]).unwrap();
+    assert_eq!(events_for(&mut src, Duration::from_millis(1500)), [("d_broken.jpg".to_string(), false)]);
+    // A complete file written in one go, and nothing taken twice.
+    std::fs::write(dir.path().join("e_fast.jpg"), &jpg).unwrap();
+    assert_eq!(events_for(&mut src, Duration::from_millis(1500)), [("e_fast.jpg".to_string(), true)]);
 }

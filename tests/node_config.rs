@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use vitgpt2::node_config::{NodeConfig, SourceKind};
+use vitgpt2::node::config::{NodeConfig, SourceKind};
 
 // Tables left empty so that each case can add its own key without a duplicate.
 const GOOD: &str = r#"[model]
@@ -26,7 +26,7 @@ fn err_with(table: &str, line: &str) -> String {
     let text = GOOD.replace(&format!("[{table}]\n"), &format!("[{table}]\n{line}\n"));
     match NodeConfig::parse(&text, "node.toml") {
         Ok(_) => panic!("`[{table}] {line}` was accepted"),
-        Err(e) => e.0,
+        Err(e) => e.to_string(),
     }
 }
 
@@ -97,12 +97,12 @@ fn cross_field_errors_name_the_field() {
     ];
     for (extra, field, words) in cases {
         let text = format!("[model]\ndir = \"m\"\n{extra}");
-        let err = NodeConfig::parse(&text, "node.toml").expect_err(extra).0;
+        let err = NodeConfig::parse(&text, "node.toml").expect_err(extra).to_string();
         assert!(err.starts_with("node.toml:"), "{err}");
         assert!(err.contains(field) && err.contains(words), "`{extra}`: {err}");
     }
     // A missing required table.
-    let err = NodeConfig::parse("[source]\nkind = \"synthetic\"\n", "node.toml").unwrap_err().0;
+    let err = NodeConfig::parse("[source]\nkind = \"synthetic\"\n", "node.toml").unwrap_err().to_string();
     assert!(err.contains("model"), "{err}");
 }
 
@@ -135,4 +135,62 @@ fn check_config_command() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("{}:5:", bad.display())) && err.contains("mqtt.qos"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// `check-config` as a pre-deploy lint: paths missing here are warnings (exit 0); `--strict`
+/// opens the model bundle, the spool folder, the password file and the camera and fails on
+/// any of them (exit 2), one line each.
+#[test]
+fn check_config_warns_about_missing_paths_and_strict_opens_everything() {
+    let bin = env!("CARGO_BIN_EXE_vitgpt2-node");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("board.toml");
+    // A file where the spool's parent folder should be: cannot be created, even by root.
+    std::fs::write(dir.path().join("blocker"), "").unwrap();
+    std::fs::write(
+        &cfg,
+        "[model]\ndir = \"/nonexistent/model\"\n\n[source]\nkind = \"camera\"\ndevice = 57\n\n\
+         [mqtt]\nusername = \"node\"\npassword_file = \"/nonexistent/secret\"\n\n[spool]\ndir = \"blocker/spool\"\n",
+    )
+    .unwrap();
+    let run = |strict: bool| {
+        let mut c = Command::new(bin);
+        c.arg("check-config");
+        if strict {
+            c.arg("--strict");
+        }
+        let out = c.arg(&cfg).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let fields = ["model.dir", "source.device", "mqtt.password_file", "spool.dir"];
+
+    let (code, out, err) = run(false);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ok (4 warnings)"), "{out}");
+    for f in fields {
+        assert!(err.lines().any(|l| l.starts_with("warning: ") && l.contains(f) && l.contains("does not exist")), "{f} in: {err}");
+    }
+
+    let (code, _, err) = run(true);
+    assert_eq!(code, Some(2), "{err}");
+    for f in fields {
+        assert!(err.lines().any(|l| l.starts_with("error: ") && l.contains(f)), "{f} in: {err}");
+    }
+    assert!(err.contains("/dev/video57"), "{err}");
+
+    // The demo opens fine, strictly: its bundle loads, its spool folder takes files.
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("firmware-config/demo.toml");
+    let ok = Command::new(bin).args(["check-config", "--strict"]).arg(&demo).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(out.contains("loads (2 graph file(s))"), "{out}");
+    assert_eq!(out.lines().last(), Some(format!("{}: ok", demo.display()).as_str()), "no warnings for the demo: {out}");
+
+    // A file source faster than the captions is a warning (latency would grow without end).
+    let fast = dir.path().join("fast.toml");
+    let text = std::fs::read_to_string(&demo).unwrap().replace("rate = 1.0", "rate = 4.0").replace("../models", &format!("{}/models", env!("CARGO_MANIFEST_DIR")));
+    std::fs::write(&fast, text).unwrap();
+    let out = Command::new(bin).arg("check-config").arg(&fast).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("source.rate"), "{}", String::from_utf8_lossy(&out.stderr));
 }

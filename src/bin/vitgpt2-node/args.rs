@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use vitgpt2::bench::{BenchOptions, ProfileOptions};
 use vitgpt2::bundle::{DtypeChoice, GraphLayout, Precision};
 use vitgpt2::commands::{CaptionOptions, DescribeOptions};
-use vitgpt2::daemon;
+use vitgpt2::node;
 
 use crate::generation::GenerationArgs;
 
@@ -23,7 +23,7 @@ pub enum Command {
     Caption(CaptionArgs),
     /// Run the camera-to-MQTT daemon configured by a node.toml.
     Run(RunArgs),
-    /// Check a node.toml; errors name the file, line and field.
+    /// Check a node.toml (a pre-deploy lint; --strict also opens the model, spool, camera…).
     CheckConfig(CheckConfigArgs),
     /// Time a bundle in tract: load, encoder, decoder steps, greedy and beam-4 captions, peak RSS.
     Bench(BenchArgs),
@@ -180,9 +180,9 @@ pub struct RunArgs {
     pub generation: GenerationArgs,
 }
 
-impl From<&RunArgs> for daemon::RunOptions {
+impl From<&RunArgs> for node::RunOptions {
     fn from(a: &RunArgs) -> Self {
-        daemon::RunOptions {
+        node::RunOptions {
             config: a.config.clone(),
             model: a.model.clone(),
             watch: a.watch.clone(),
@@ -198,15 +198,20 @@ impl From<&RunArgs> for daemon::RunOptions {
     }
 }
 
-/// `vitgpt2-node check-config FILE`.
+/// `vitgpt2-node check-config [--strict] FILE`.
 #[derive(Debug, Clone, Args)]
 pub struct CheckConfigArgs {
     pub file: PathBuf,
+    /// Also open the model bundle, the spool folder, the password file and the camera (what
+    /// systemd runs before each start); fail on any of them. Without it, paths missing on
+    /// this machine are only warnings.
+    #[arg(long)]
+    pub strict: bool,
 }
 
-impl From<&CheckConfigArgs> for daemon::CheckConfigOptions {
+impl From<&CheckConfigArgs> for node::CheckConfigOptions {
     fn from(a: &CheckConfigArgs) -> Self {
-        daemon::CheckConfigOptions { file: a.file.clone() }
+        node::CheckConfigOptions { file: a.file.clone(), strict: a.strict }
     }
 }
 

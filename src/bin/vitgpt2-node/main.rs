@@ -6,7 +6,7 @@ mod generation;
 
 use args::{Cli, Command};
 use clap::Parser;
-use vitgpt2::{bench, commands, daemon};
+use vitgpt2::{bench, commands, node};
 
 fn main() {
     let cli = Cli::parse();
@@ -16,12 +16,12 @@ fn main() {
             commands::caption(&a.into()).map_err(|e| e.to_string())
         }
         Command::Run(a) => {
-            daemon::init_logging(&a.config);
-            daemon::run(&a.into())
+            node::init_logging(&a.config);
+            node::run(&a.into()).map_err(|e| e.to_string())
         }
         Command::CheckConfig(a) => {
             commands::init_logging("warn");
-            daemon::check_config(&a.into())
+            node::check_config(&a.into()).map_err(|e| e.to_string())
         }
         Command::Describe(a) => {
             commands::init_logging("warn");

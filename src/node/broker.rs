@@ -1,13 +1,20 @@
 //! An in-process MQTT broker (rumqttd, cargo feature `broker`) for a robot with no broker of
 //! its own: `[broker] enabled = true` and point `[mqtt]` at its address.
 
-use crate::node_config::BrokerSection;
+use std::sync::Arc;
 
-/// Starts the broker on its own threads; returns once it is listening.
+use super::config::BrokerSection;
+use super::Control;
+use crate::error::{Error, Result};
+
+/// Starts the broker on its own threads; returns once it is listening. If it stops later,
+/// the daemon stops too (non-zero exit: systemd restarts both).
+///
+/// Errors: [`Error::Setting`] for a bad address, [`Error::Thread`] when it does not start.
 #[cfg(feature = "broker")]
-pub fn start(cfg: &BrokerSection) -> Result<(), String> {
+pub fn start(cfg: &BrokerSection, control: &Arc<Control>) -> Result<()> {
     use std::collections::HashMap;
-    let listen: std::net::SocketAddr = cfg.listen.parse().map_err(|e| format!("broker.listen `{}`: {e}", cfg.listen))?;
+    let listen: std::net::SocketAddr = cfg.listen.parse().map_err(|e| Error::setting("broker.listen", format!("`{}`: {e}", cfg.listen)))?;
     let server = rumqttd::ServerSettings {
         name: "v4-1".into(),
         listen,
@@ -34,20 +41,15 @@ pub fn start(cfg: &BrokerSection) -> Result<(), String> {
         v4: Some(HashMap::from([("1".to_string(), server)])),
         ..Default::default()
     };
-    std::thread::Builder::new()
-        .name("broker".into())
-        .spawn(move || {
-            let mut b = rumqttd::Broker::new(config);
-            if let Err(e) = b.start() {
-                tracing::error!(error = %e, "in-process broker stopped");
-            }
-        })
-        .map_err(|e| format!("cannot start the broker thread: {e}"))?;
+    super::spawn("broker", control, move || {
+        let mut b = rumqttd::Broker::new(config);
+        b.start().map_err(|e| Error::thread("broker", format!("the in-process broker stopped: {e}")))
+    })?;
     // Listening is asynchronous: wait (briefly) until it accepts connections.
     let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while std::net::TcpStream::connect(listen).is_err() {
         if std::time::Instant::now() > end {
-            return Err(format!("broker: not listening on {listen} after 5 s (is the port taken?)"));
+            return Err(Error::thread("broker", format!("not listening on {listen} after 5 s (is the port taken?)")));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -56,6 +58,6 @@ pub fn start(cfg: &BrokerSection) -> Result<(), String> {
 }
 
 #[cfg(not(feature = "broker"))]
-pub fn start(_cfg: &BrokerSection) -> Result<(), String> {
-    Err("broker.enabled = true, but this build has no broker: rebuild with `--features broker`".into())
+pub fn start(_cfg: &BrokerSection, _control: &Arc<Control>) -> Result<()> {
+    Err(Error::setting("broker.enabled", "true, but this build has no broker: rebuild with `--features broker`"))
 }

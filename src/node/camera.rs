@@ -1,29 +1,31 @@
 //! Where frames come from: one [`FrameSource`] trait for the V4L2 camera (cargo feature
-//! `camera`), a watched directory, a list of files and a synthetic pattern; plus the
-//! MJPEG/YUYV to RGB conversion the camera uses (tested with recorded buffers).
+//! `camera`), a watched directory ([`super::watch`]), a list of files and a synthetic pattern;
+//! plus the MJPEG/YUYV to RGB conversion the camera uses (tested with recorded buffers).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use image::RgbImage;
 
-use crate::node_config::{PixelFormat, SourceKind, SourceSection};
+pub use super::watch::DirectorySource;
+use crate::error::{Error, Result};
+use crate::node::config::{PixelFormat, SourceKind, SourceSection};
 
 /// What a source has to say when asked for a frame.
 pub enum SourceEvent {
     /// A frame and where it came from (file name, `camera:0`, `synthetic`).
     Frame { image: RgbImage, origin: String },
     /// A frame that could not be read or decoded: counted, logged, skipped.
-    Bad { origin: String, error: String },
+    Bad { origin: String, error: Error },
     /// Nothing new yet; ask again after a short wait.
     Idle,
     /// The device is missing, busy or unplugged: retried with backoff by the caller.
-    Unavailable(String),
+    Unavailable(Error),
     /// No more frames, ever (a finite file list).
     End,
 }
 
+/// A source of frames, polled by the capture thread.
 pub trait FrameSource: Send {
     /// Blocks at most about `wait` for the next event.
     fn next(&mut self, wait: Duration) -> SourceEvent;
@@ -35,124 +37,53 @@ pub trait FrameSource: Send {
 }
 
 /// Builds the source the configuration asks for.
-pub fn open(cfg: &SourceSection) -> Result<Box<dyn FrameSource>, String> {
+///
+/// Errors: [`Error::Source`] (no folder to watch, a pattern matching no file, no camera
+/// support in this build).
+pub fn open(cfg: &SourceSection) -> Result<Box<dyn FrameSource>> {
     Ok(match cfg.kind {
         SourceKind::Directory => {
-            let dir = cfg.path.clone().ok_or("source.path: missing")?;
-            Box::new(DirectorySource::new(dir, cfg.existing, Duration::from_millis(cfg.poll_ms)))
+            let dir = cfg.path.clone().ok_or_else(|| Error::source("source.path: missing"))?;
+            Box::new(DirectorySource::new(dir, cfg.existing, Duration::from_millis(cfg.poll_ms)).settle(Duration::from_millis(cfg.settle_ms)))
         }
         SourceKind::Files => Box::new(FilesSource::new(&cfg.files, cfg.repeat, cfg.rate)?),
         SourceKind::Synthetic => Box::new(SyntheticSource::new(cfg.width, cfg.height, cfg.count, cfg.rate)),
         #[cfg(feature = "camera")]
         SourceKind::Camera => Box::new(v4l::CameraSource::new(cfg)),
         #[cfg(not(feature = "camera"))]
-        SourceKind::Camera => return Err("source.kind = \"camera\": this build has no camera support (cargo feature `camera`)".into()),
+        SourceKind::Camera => return Err(Error::source("source.kind = \"camera\": this build has no camera support (cargo feature `camera`)")),
     })
+}
+
+/// For `check-config --strict`: opens the camera and starts streaming once, then lets it go.
+/// Returns the mode the driver chose.
+///
+/// Errors: [`Error::Source`] naming the device and the problem (missing, busy, no
+/// permission: the user must be in the `video` group).
+#[cfg(feature = "camera")]
+pub fn probe_camera(cfg: &SourceSection) -> Result<String> {
+    v4l::CameraSource::new(cfg).probe()
+}
+
+#[cfg(not(feature = "camera"))]
+pub fn probe_camera(_cfg: &SourceSection) -> Result<String> {
+    Err(Error::source("this build has no camera support (cargo feature `camera`)"))
 }
 
 const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif"];
 
-fn is_image(p: &Path) -> bool {
+/// Whether a file name has an image extension (the watched folder ignores other files).
+pub fn is_image(p: &Path) -> bool {
     p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-fn read_frame(path: &Path) -> SourceEvent {
+/// Reads and decodes one image file (EXIF orientation applied, as for `caption`).
+pub fn read_frame(path: &Path) -> SourceEvent {
+    super::fault("frame");
     let origin = path.display().to_string();
-    match std::fs::read(path) {
-        Ok(bytes) => match crate::preprocess::decode_image(&bytes) {
-            Ok(image) => SourceEvent::Frame { image, origin },
-            Err(error) => SourceEvent::Bad { origin, error },
-        },
-        Err(e) => SourceEvent::Bad { origin, error: e.to_string() },
-    }
-}
-
-/// A folder that a camera (or anything) writes images into: each new image once, in name
-/// order. A file is read only once its size and mtime have held still for one poll, so
-/// half-written files are not taken.
-pub struct DirectorySource {
-    dir: PathBuf,
-    poll: Duration,
-    seen: HashSet<PathBuf>,
-    /// Candidates seen on the last listing, with (size, mtime), waiting to settle.
-    pending: Vec<(PathBuf, u64, Option<SystemTime>)>,
-    ready: std::collections::VecDeque<PathBuf>,
-    last_list: Option<Instant>,
-    missing_logged: bool,
-}
-
-impl DirectorySource {
-    pub fn new(dir: PathBuf, existing: bool, poll: Duration) -> Self {
-        let mut seen = HashSet::new();
-        if !existing {
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                seen.extend(rd.flatten().map(|e| e.path()));
-            }
-        }
-        DirectorySource { dir, poll, seen, pending: Vec::new(), ready: Default::default(), last_list: None, missing_logged: false }
-    }
-
-    fn list(&mut self) -> Result<(), String> {
-        let rd = std::fs::read_dir(&self.dir).map_err(|e| format!("cannot list {}: {e}", self.dir.display()))?;
-        let mut now: Vec<(PathBuf, u64, Option<SystemTime>)> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| is_image(p) && !self.seen.contains(p))
-            .filter_map(|p| {
-                let m = std::fs::metadata(&p).ok()?;
-                m.is_file().then(|| (p, m.len(), m.modified().ok()))
-            })
-            .collect();
-        now.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut settled = Vec::new();
-        let mut waiting = Vec::new();
-        for item in now {
-            if self.pending.contains(&item) {
-                settled.push(item.0);
-            } else {
-                waiting.push(item);
-            }
-        }
-        for p in settled {
-            self.seen.insert(p.clone());
-            self.ready.push_back(p);
-        }
-        self.pending = waiting;
-        Ok(())
-    }
-}
-
-impl FrameSource for DirectorySource {
-    fn next(&mut self, wait: Duration) -> SourceEvent {
-        if let Some(p) = self.ready.pop_front() {
-            return read_frame(&p);
-        }
-        if self.last_list.is_some_and(|t| t.elapsed() < self.poll) {
-            std::thread::sleep(wait.min(self.poll));
-            return SourceEvent::Idle;
-        }
-        self.last_list = Some(Instant::now());
-        match self.list() {
-            Ok(()) => {
-                self.missing_logged = false;
-                match self.ready.pop_front() {
-                    Some(p) => read_frame(&p),
-                    None => SourceEvent::Idle,
-                }
-            }
-            // A folder that is not there yet (e.g. a mount) is waited for, not fatal.
-            Err(e) if !self.missing_logged => {
-                self.missing_logged = true;
-                SourceEvent::Unavailable(e)
-            }
-            Err(_) => SourceEvent::Idle,
-        }
-    }
-    fn live(&self) -> bool {
-        false
-    }
-    fn describe(&self) -> String {
-        format!("directory {} (polled every {} ms)", self.dir.display(), self.poll.as_millis())
+    match crate::preprocess::load_image(path) {
+        Ok(image) => SourceEvent::Frame { image, origin },
+        Err(error) => SourceEvent::Bad { origin, error },
     }
 }
 
@@ -166,16 +97,17 @@ pub struct FilesSource {
 }
 
 impl FilesSource {
-    pub fn new(patterns: &[String], repeat: bool, rate: f64) -> Result<Self, String> {
+    /// Errors: [`Error::Source`] for a bad pattern or one that matches no file.
+    pub fn new(patterns: &[String], repeat: bool, rate: f64) -> Result<Self> {
         let mut files = Vec::new();
         for pat in patterns {
             let matches: Vec<PathBuf> = glob::glob(pat)
-                .map_err(|e| format!("source.files: bad pattern `{pat}`: {e}"))?
+                .map_err(|e| Error::source(format!("source.files: bad pattern `{pat}`: {e}")))?
                 .flatten()
                 .filter(|p| p.is_file())
                 .collect();
             if matches.is_empty() {
-                return Err(format!("source.files: `{pat}` matches no file"));
+                return Err(Error::source(format!("source.files: `{pat}` matches no file")));
             }
             files.extend(matches);
         }
@@ -251,8 +183,9 @@ impl FrameSource for SyntheticSource {
     }
 }
 
-/// A camera frame as the driver hands it over.
-pub fn frame_to_rgb(format: PixelFormat, width: u32, height: u32, data: &[u8]) -> Result<RgbImage, String> {
+/// A camera frame as the driver hands it over. Errors: [`Error::Frame`].
+pub fn frame_to_rgb(format: PixelFormat, width: u32, height: u32, data: &[u8]) -> Result<RgbImage> {
+    super::fault("frame");
     match format {
         PixelFormat::Mjpeg => mjpeg_to_rgb(data),
         PixelFormat::Yuyv => yuyv_to_rgb(width, height, data),
@@ -261,18 +194,19 @@ pub fn frame_to_rgb(format: PixelFormat, width: u32, height: u32, data: &[u8]) -
 
 /// MJPEG frames are plain JPEGs; decoded exactly as image files are, so the camera and the
 /// file path give the model the same pixels.
-pub fn mjpeg_to_rgb(data: &[u8]) -> Result<RgbImage, String> {
-    crate::preprocess::decode_image(data).map_err(|e| format!("MJPEG frame: {e}"))
+pub fn mjpeg_to_rgb(data: &[u8]) -> Result<RgbImage> {
+    crate::preprocess::decode_image(data).map_err(|e| Error::frame("MJPEG frame", e))
 }
 
 /// YUYV 4:2:2 (Y0 U Y1 V per two pixels), BT.601 limited range as V4L2 webcams send it.
-pub fn yuyv_to_rgb(width: u32, height: u32, data: &[u8]) -> Result<RgbImage, String> {
-    if width == 0 || height == 0 || width % 2 != 0 {
-        return Err(format!("YUYV frame {width}x{height}: width must be even and non-zero"));
+pub fn yuyv_to_rgb(width: u32, height: u32, data: &[u8]) -> Result<RgbImage> {
+    let what = || format!("YUYV frame {width}x{height}");
+    if width == 0 || height == 0 || !width.is_multiple_of(2) {
+        return Err(Error::frame(what(), "width must be even and non-zero"));
     }
     let need = width as usize * height as usize * 2;
     if data.len() < need {
-        return Err(format!("YUYV frame {width}x{height}: {} bytes, expected {need}", data.len()));
+        return Err(Error::frame(what(), format!("{} bytes, expected {need}", data.len())));
     }
     let mut out = Vec::with_capacity(width as usize * height as usize * 3);
     for px in data[..need].chunks_exact(4) {
@@ -280,7 +214,7 @@ pub fn yuyv_to_rgb(width: u32, height: u32, data: &[u8]) -> Result<RgbImage, Str
         out.extend_from_slice(&yuv_to_rgb(y0, u, v));
         out.extend_from_slice(&yuv_to_rgb(y1, u, v));
     }
-    RgbImage::from_raw(width, height, out).ok_or_else(|| "YUYV frame: size mismatch".to_string())
+    RgbImage::from_raw(width, height, out).ok_or_else(|| Error::frame(what(), "size mismatch"))
 }
 
 /// One pixel, integer BT.601 (the usual fixed-point form, within 1 of the float formula).
@@ -299,9 +233,11 @@ pub fn difference(a: &Thumb, b: &Thumb) -> f64 {
     sum as f64 / (a.0.len().max(1) as f64 * 255.0)
 }
 
+/// Grey levels of a [`thumbnail`], row by row.
 #[derive(Clone)]
 pub struct Thumb(Vec<u8>);
 
+/// A 32x32 grey thumbnail of a frame, for the change gate ([`difference`]).
 pub fn thumbnail(img: &RgbImage) -> Thumb {
     const N: u32 = 32;
     let (w, h) = img.dimensions();
@@ -358,11 +294,11 @@ mod v4l {
             }
         }
 
-        fn open(&mut self) -> Result<(), String> {
+        fn open(&mut self) -> Result<()> {
             let req = RequestedFormat::new::<RgbFormat>(RequestedFormatType::Closest(self.want));
-            let mut cam = Camera::new(CameraIndex::Index(self.index), req)
-                .map_err(|e| format!("camera {}: cannot open /dev/video{}: {e}", self.index, self.index))?;
-            cam.open_stream().map_err(|e| format!("camera {}: cannot start streaming: {e}", self.index))?;
+            let dev = format!("/dev/video{}", self.index);
+            let mut cam = Camera::new(CameraIndex::Index(self.index), req).map_err(|e| Error::source(format!("camera {}: cannot open {dev}: {e}{}", self.index, hint(&dev))))?;
+            cam.open_stream().map_err(|e| Error::source(format!("camera {}: cannot start streaming: {e}", self.index)))?;
             let got = cam.camera_format();
             tracing::info!(camera = self.index, wanted = %self.want, chosen = %got, "camera mode chosen (closest supported)");
             self.format = match got.format() {
@@ -371,6 +307,28 @@ mod v4l {
             };
             self.cam = Some(cam);
             Ok(())
+        }
+
+        /// Opens the camera, reads one frame and closes it; returns the chosen mode.
+        pub fn probe(mut self) -> Result<String> {
+            self.open()?;
+            let cam = self.cam.as_mut().ok_or_else(|| Error::source("camera: not opened"))?;
+            let mode = cam.camera_format().to_string();
+            cam.frame().map_err(|e| Error::source(format!("camera {}: opened ({mode}) but no frame came: {e}", self.index)))?;
+            let _ = cam.stop_stream();
+            Ok(mode)
+        }
+    }
+
+    /// The usual reason a device cannot be opened, when it can be told.
+    fn hint(dev: &str) -> String {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(dev) {
+            Err(_) => format!(" ({dev} does not exist: is the camera plugged in? `ls /dev/video*` lists the devices)"),
+            Ok(m) if std::fs::File::open(dev).is_err() => {
+                format!(" (no permission on {dev}, group id {}: run the daemon in the `video` group)", m.gid())
+            }
+            Ok(_) => String::new(),
         }
     }
 
@@ -394,7 +352,7 @@ mod v4l {
                 Err(e) => {
                     // Unplugged or wedged: drop the handle and reopen with backoff.
                     self.cam = None;
-                    SourceEvent::Unavailable(format!("camera {}: capture failed: {e}", self.index))
+                    SourceEvent::Unavailable(Error::source(format!("camera {}: capture failed: {e}", self.index)))
                 }
             }
         }
