@@ -137,6 +137,17 @@ fn optimum_layout_matches_candle() {
     check_checkpoint(&root().join("tests/fixtures/candle/ved"), Layout::Optimum);
 }
 
+/// The Flax fixtures exported straight from their folders, both layouts: the original ViT-GPT2
+/// (its causal cross-attention in the graphs) and transformers' Flax model.
+#[test]
+fn flax_checkpoints_export_and_match_candle() {
+    for name in ["flax-original", "flax-transformers"] {
+        for layout in [Layout::Fast, Layout::Optimum] {
+            check_checkpoint(&root().join("tests/fixtures").join(name), layout);
+        }
+    }
+}
+
 /// `vitgpt2-node bench` on an exported bundle: every figure is there (a smoke test, not timed).
 #[test]
 fn bench_reports_every_figure() {

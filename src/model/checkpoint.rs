@@ -331,7 +331,7 @@ fn build(
         flax,
     });
     let vb = VarBuilder::from_backend(Box::new(TrackerBackend(tracker.clone())), DType::F32, device.clone());
-    let mut model = VisionEncoderDecoder::load(vb, cfg, with_pooler).map_err(|e| Error::checkpoint(blame, e))?;
+    let mut model = VisionEncoderDecoder::load(vb, cfg, with_pooler).map_err(|e| Error::checkpoint(blame, without_backtrace(e)))?;
     let params = std::mem::take(&mut *tracker.requested.lock().map_err(|_| Error::checkpoint(blame, "parameter lock poisoned"))?);
 
     let mut loaded = Vec::new();
@@ -382,6 +382,15 @@ fn build(
     }
     model.params = params;
     Ok((model, LoadReport { files, loaded, initialised, ignored, dropped }))
+}
+
+/// candle's message without the backtrace it attaches when RUST_BACKTRACE is set (the error is
+/// one line about the checkpoint, not about candle's stack).
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other,
+    }
 }
 
 /// The typed config, written over the raw JSON so that fields this crate does not model survive.

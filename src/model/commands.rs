@@ -68,7 +68,7 @@ pub struct ConvertOptions {
 }
 
 /// What transformers does with a converted original ViT-GPT2, said by `convert`.
-pub const CAUSAL_CROSS_WARNING: &str = "warning: config.json sets decoder.cross_attention_causal (the original ViT-GPT2's cross-attention: caption position t sees image tokens 0..t only), a vitgpt2 setting that transformers ignores: VisionEncoderDecoderModel.from_pretrained runs the ordinary cross-attention over every image token and gives other logits and captions (on the test fixture, logits moved by 13 to 24). vitgpt2-host and bundles from vitgpt2-host export honour it; in transformers, pass the decoder encoder_attention_mask = ones(T, S).tril() per image with attn_implementation=\"eager\" (scripts/check_converted.py does)";
+pub const CAUSAL_CROSS_WARNING: &str = "warning: config.json sets decoder.cross_attention_causal (the original ViT-GPT2's cross-attention: caption position t sees image tokens 0..t only), a vitgpt2 setting that transformers ignores: VisionEncoderDecoderModel.from_pretrained runs the ordinary cross-attention over every image token and gives other logits and captions (on the test fixture, logits moved by 13 to 24). vitgpt2-host and bundles from vitgpt2-host export honour it; in transformers, pass the decoder encoder_attention_mask = ones(T, S).tril() per image with attn_implementation=\"eager\" (scripts/check_transformers_load.py does)";
 
 /// `vitgpt2-host convert`: reads a checkpoint folder of any kind vitgpt2 reads and writes a
 /// transformers `VisionEncoderDecoderModel` checkpoint: config.json, model.safetensors (the ViT
