@@ -207,7 +207,7 @@ fn target(tree: FlaxTree, path: &str) -> std::result::Result<Target, String> {
 /// Where the PyTorch tensor `name` is stored in a Flax checkpoint of `tree` (for messages; layer
 /// indices and `{0..11}` groups pass through).
 pub fn stored_name(tree: FlaxTree, name: &str) -> String {
-    let parts: Vec<&str> = name.split('.').collect();
+    let parts = split_outside_braces(name);
     let Some((leaf, modules)) = parts.split_last() else { return name.to_string() };
     let mut out: Vec<&str> = Vec::with_capacity(parts.len() + 1);
     if tree == FlaxTree::Original {
@@ -241,6 +241,24 @@ pub fn stored_name(tree: FlaxTree, name: &str) -> String {
         other => other,
     });
     format!("{}{suffix}", out.join("/"))
+}
+
+/// `name` split at the dots that are not inside a `{0..11}` group.
+fn split_outside_braces(name: &str) -> Vec<&str> {
+    let (mut parts, mut depth, mut start) = (Vec::new(), 0usize, 0);
+    for (i, c) in name.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            '.' if depth == 0 => {
+                parts.push(&name[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&name[start..]);
+    parts
 }
 
 /// `leaf` converted to its PyTorch layout (`n_embd`: the decoder width, for the query third).
