@@ -11,8 +11,9 @@ decoder start + candle's greedy ids), `logits` [1,T,V] (candle's full forward on
 
 1. `VisionEncoderDecoderModel.from_pretrained(CKPT)`: no missing, unexpected or mismatched keys,
    the LM head tied to the token embedding.
-2. The tokenizer both ways: the fast one (tokenizer.json) and the slow `GPT2Tokenizer`
-   (vocab.json + merges.txt) give the same ids and special tokens; `GenerationConfig` loads;
+2. The tokenizer both ways: from tokenizer.json and from vocab.json + merges.txt alone
+   (`GPT2Tokenizer`, the slow one in transformers 4.x, and `AutoTokenizer`) the same ids and
+   special tokens; `GenerationConfig` loads;
    `AutoImageProcessor` gives vitgpt2's pixel values for IMAGE (a PNG: within 1e-6).
 3. Logits within 1e-4 of candle's. When config.json sets `decoder.cross_attention_causal` (the
    original ViT-GPT2; transformers ignores the setting), the decoder is given the equivalent mask,
@@ -22,7 +23,9 @@ decoder start + candle's greedy ids), `logits` [1,T,V] (candle's full forward on
    forward (transformers' generate cannot grow a [T, S] mask step by step).
 """
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -60,14 +63,20 @@ def main(ckpt, candle_file, image):
     check(model.decoder.lm_head.weight.data_ptr() == model.decoder.transformer.wte.weight.data_ptr(),
           "lm_head tied to wte")
 
+    # The tokenizer from tokenizer.json, and from vocab.json + merges.txt alone (a folder without
+    # tokenizer.json: transformers 4.x's slow GPT2Tokenizer, and what AutoTokenizer converts).
     fast = AutoTokenizer.from_pretrained(str(ckpt))
-    slow = GPT2Tokenizer.from_pretrained(str(ckpt))
-    check(fast.is_fast and not slow.is_fast, f"fast ({type(fast).__name__}) and slow ({type(slow).__name__}) tokenizers load")
-    a, b = fast(TEXT)["input_ids"], slow(TEXT)["input_ids"]
-    check(a == b, f"fast and slow tokenizers agree on a French sentence ({len(a)} ids)")
+    with tempfile.TemporaryDirectory() as only_bpe:
+        for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]:
+            shutil.copy(ckpt / f, only_bpe)
+        others = [GPT2Tokenizer.from_pretrained(only_bpe), AutoTokenizer.from_pretrained(only_bpe)]
+    ids = fast(TEXT)["input_ids"]
+    names = ", ".join(type(t).__name__ for t in [fast] + others)
+    check(all(t(TEXT)["input_ids"] == ids for t in others),
+          f"tokenizer.json and vocab.json + merges.txt give the same {len(ids)} ids on a French sentence ({names})")
     specials = ["bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"]
-    check([getattr(fast, s) for s in specials] == [getattr(slow, s) for s in specials],
-          f"special ids {[getattr(fast, s) for s in specials]} (bos, eos, pad, unk) in both")
+    want = [getattr(fast, s) for s in specials]
+    check(all([getattr(t, s) for s in specials] == want for t in others), f"special ids {want} (bos, eos, pad, unk) in every form")
     gen = GenerationConfig.from_pretrained(str(ckpt))
     check(gen.eos_token_id in (fast.eos_token_id, [fast.eos_token_id]),
           f"generation_config.json loads (num_beams {gen.num_beams}, max_length {gen.max_length}, eos {gen.eos_token_id})")
@@ -83,7 +92,13 @@ def main(ckpt, candle_file, image):
             enc = model.encoder(pixel_values=pixel_values).last_hidden_state
             if getattr(model, "enc_to_dec_proj", None) is not None:
                 enc = model.enc_to_dec_proj(enc)
-            mask = torch.ones(ids.shape[0], ids.shape[1], enc.shape[1]).tril() if masked else None
+            mask = None
+            if masked:
+                # 1 where caption position t may see image token j (j <= t). transformers 4.x takes
+                # it as a 3-D 0/1 mask; 5.x takes a ready 4-D additive one as is.
+                mask = torch.ones(ids.shape[0], ids.shape[1], enc.shape[1]).tril()
+                if int(transformers.__version__.split(".")[0]) >= 5:
+                    mask = ((1.0 - mask) * torch.finfo(enc.dtype).min)[:, None]
             return model.decoder(input_ids=ids, encoder_hidden_states=enc, encoder_attention_mask=mask).logits
 
     logits = forward(ids, causal)

@@ -158,6 +158,38 @@ enum How {
 /// Why the last two thirds of the original's `encoder_attn/c_attn` are left out.
 const KV_THIRDS: &str = "the key/value thirds, which the original computes and discards (its keys/values come from c_attn_for_k_v)";
 
+/// The original's module names that differ from transformers' (original, transformers), the
+/// longer of two overlapping first: a block's `ln_3` is `ln_cross_attn`, its `encoder_attn` is
+/// `crossattention`, whose query is (the first third of) `c_attn` and whose keys/values are
+/// `c_attn_for_k_v`.
+const ORIGINAL_NAMES: [(&[&str], &[&str]); 4] = [
+    (&["encoder_attn", "c_attn_for_k_v"], &["crossattention", "c_attn"]),
+    (&["encoder_attn", "c_attn"], &["crossattention", "q_attn"]),
+    (&["encoder_attn"], &["crossattention"]),
+    (&["ln_3"], &["ln_cross_attn"]),
+];
+
+/// Module names `parts` renamed through [`ORIGINAL_NAMES`], from the original's to transformers'
+/// (`to_transformers`) or back.
+fn rename<'a>(parts: &[&'a str], to_transformers: bool) -> Vec<&'a str> {
+    let mut out = Vec::with_capacity(parts.len() + 1);
+    let mut i = 0;
+    while i < parts.len() {
+        let rule = ORIGINAL_NAMES.iter().map(|&(o, t)| if to_transformers { (o, t) } else { (t, o) }).find(|(from, _)| parts[i..].starts_with(from));
+        match rule {
+            Some((from, to)) => {
+                out.extend_from_slice(to);
+                i += from.len();
+            }
+            None => {
+                out.push(parts[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// The PyTorch name of a Flax leaf `path` (e.g. `model/decoder/transformer/h/0/ln_3/scale` →
 /// `decoder.transformer.h.0.ln_cross_attn.weight`). Names the model does not have are returned
 /// as they come and reported as unexpected when the model is built.
@@ -170,33 +202,15 @@ fn target(tree: FlaxTree, path: &str) -> std::result::Result<Target, String> {
     };
     let mut parts: Vec<&str> = rest.split('/').collect();
     let leaf = parts.pop().unwrap_or_default();
-    let mut how = match leaf {
+    if tree == FlaxTree::Original && parts.ends_with(&["attn", "c_attn_for_k_v"]) {
+        return Ok(Target::Dropped("declared by the original's self-attention and never called"));
+    }
+    let mut names = if tree == FlaxTree::Original { rename(&parts, true) } else { parts };
+    let how = match leaf {
+        _ if names.ends_with(&["crossattention", "q_attn"]) && tree == FlaxTree::Original => How::QueryThird,
         "kernel" => How::Kernel,
         _ => How::Copy,
     };
-    let mut names: Vec<&str> = Vec::with_capacity(parts.len() + 1);
-    let mut i = 0;
-    while i < parts.len() {
-        let (p, next) = (parts[i], parts.get(i + 1).copied());
-        match (tree, p, next) {
-            (FlaxTree::Original, "ln_3", _) => names.push("ln_cross_attn"),
-            (FlaxTree::Original, "encoder_attn", Some("c_attn")) => {
-                names.extend(["crossattention", "q_attn"]);
-                how = How::QueryThird;
-                i += 1;
-            }
-            (FlaxTree::Original, "encoder_attn", Some("c_attn_for_k_v")) => {
-                names.extend(["crossattention", "c_attn"]);
-                i += 1;
-            }
-            (FlaxTree::Original, "encoder_attn", _) => names.push("crossattention"),
-            (FlaxTree::Original, "attn", Some("c_attn_for_k_v")) => {
-                return Ok(Target::Dropped("declared by the original's self-attention and never called"))
-            }
-            _ => names.push(p),
-        }
-        i += 1;
-    }
     names.push(match leaf {
         "kernel" | "scale" | "embedding" => "weight",
         other => other,
@@ -209,30 +223,8 @@ fn target(tree: FlaxTree, path: &str) -> std::result::Result<Target, String> {
 pub fn stored_name(tree: FlaxTree, name: &str) -> String {
     let parts = split_outside_braces(name);
     let Some((leaf, modules)) = parts.split_last() else { return name.to_string() };
-    let mut out: Vec<&str> = Vec::with_capacity(parts.len() + 1);
-    if tree == FlaxTree::Original {
-        out.push("model");
-    }
-    let mut suffix = "";
-    let mut i = 0;
-    while i < modules.len() {
-        let (p, next) = (modules[i], modules.get(i + 1).copied());
-        match (tree, p, next) {
-            (FlaxTree::Original, "ln_cross_attn", _) => out.push("ln_3"),
-            (FlaxTree::Original, "crossattention", Some("q_attn")) => {
-                out.extend(["encoder_attn", "c_attn"]);
-                suffix = " (first third)";
-                i += 1;
-            }
-            (FlaxTree::Original, "crossattention", Some("c_attn")) => {
-                out.extend(["encoder_attn", "c_attn_for_k_v"]);
-                i += 1;
-            }
-            (FlaxTree::Original, "crossattention", _) => out.push("encoder_attn"),
-            _ => out.push(p),
-        }
-        i += 1;
-    }
+    let original = tree == FlaxTree::Original;
+    let mut out = if original { [&["model"][..], &rename(modules, false)].concat() } else { modules.to_vec() };
     let parent = modules.last().copied().unwrap_or_default();
     out.push(match *leaf {
         "weight" if matches!(parent, "wte" | "wpe") => "embedding",
@@ -240,7 +232,8 @@ pub fn stored_name(tree: FlaxTree, name: &str) -> String {
         "weight" => "kernel",
         other => other,
     });
-    format!("{}{suffix}", out.join("/"))
+    let third = if original && modules.ends_with(&["crossattention", "q_attn"]) { " (first third)" } else { "" };
+    format!("{}{third}", out.join("/"))
 }
 
 /// `name` split at the dots that are not inside a `{0..11}` group.

@@ -143,6 +143,14 @@ pub fn original_config(path: &Path) -> Result<(ModelConfig, Value)> {
         serde_json::from_value(vit_raw.clone()).map_err(|e| Error::checkpoint(path, format!("vit_config is not a ViT config ({e})")))?;
     let decoder: Gpt2Config =
         serde_json::from_value(gpt_raw.clone()).map_err(|e| Error::checkpoint(path, format!("gpt2_config is not a GPT-2 config ({e})")))?;
+    encoder_decoder_config(encoder, decoder, vit_raw, gpt_raw, path)
+}
+
+/// A ViT and a cross-attending GPT-2 joined as transformers' `from_encoder_decoder_pretrained`
+/// joins them: the typed `VisionEncoderDecoderConfig` (the decoder start is the decoder's bos,
+/// pad falls back to eos) and the config.json to save, each part's JSON section kept whole.
+/// Errors: an invalid combination ([`ModelConfig::validate`]), blamed on `blame`.
+pub fn encoder_decoder_config(encoder: VitConfig, decoder: Gpt2Config, vit_raw: Value, gpt_raw: Value, blame: &Path) -> Result<(ModelConfig, Value)> {
     let cfg = ModelConfig {
         model_type: "vision-encoder-decoder".into(),
         decoder_start_token_id: decoder.bos_token_id,
@@ -152,7 +160,7 @@ pub fn original_config(path: &Path) -> Result<(ModelConfig, Value)> {
         encoder,
         decoder,
     };
-    cfg.validate().map_err(|m| Error::checkpoint(path, m))?;
+    cfg.validate().map_err(|m| Error::checkpoint(blame, m))?;
     let saved = json!({
         "architectures": ["VisionEncoderDecoderModel"],
         "model_type": "vision-encoder-decoder",

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod flax;
 pub mod format;
 pub mod gpt2;
+pub mod report;
 pub mod ved;
 pub mod vit;
 
