@@ -10,6 +10,10 @@
    unexpected keys allowed), runs the same batch and compares logits.
 3. Also compares the GPT-2 and ViT tensors with the original pretrained parts.
 
+Checkpoints trained from a preset (tests/train_loop.rs) and written by `vitgpt2-host convert`
+(tests/flax_import.rs) get the same load check, with tokenizers, processor, logits and greedy ids,
+from scripts/check_transformers_load.py, which the Rust tests run (VITGPT2_PYTHON).
+
 Run from the repository root (a few minutes: it builds the test binary):
     .venv-ref/bin/python scripts/check_roundtrip.py | tee scripts/check_roundtrip.out
 """

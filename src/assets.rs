@@ -61,6 +61,15 @@ pub enum Origin {
     Checkpoint,
 }
 
+/// Settings to use where a checkpoint folder lacks the file (the original ViT-GPT2's folder has
+/// neither generation nor image-processor settings); `None`: the usual behaviour (transformers'
+/// generation defaults; a missing `preprocessor_config.json` is an error).
+#[derive(Debug, Clone, Default)]
+pub struct AssetDefaults {
+    pub generation: Option<RawGenerationConfig>,
+    pub preprocess: Option<PreprocessConfig>,
+}
+
 /// Everything a model needs besides its weights, checked to belong together.
 pub struct ModelAssets {
     pub dir: PathBuf,
@@ -91,12 +100,25 @@ impl ModelAssets {
     /// As [`Self::open`] with `config` given (a checkpoint format that stores another config, or
     /// a model built in memory); the other files still come from `dir`.
     pub fn with_config(dir: &Path, config: ModelConfig, origin: Origin) -> Result<Self> {
+        Self::with_defaults(dir, config, origin, &AssetDefaults::default())
+    }
+
+    /// As [`Self::with_config`], with `defaults` standing in for the generation and
+    /// image-processor files `dir` lacks.
+    pub fn with_defaults(dir: &Path, config: ModelConfig, origin: Origin, defaults: &AssetDefaults) -> Result<Self> {
         let blame = |e: Error| if origin == Origin::Checkpoint { e.into_checkpoint() } else { e };
         let gen_path = dir.join(contract::GENERATION_CONFIG);
-        let raw = read_generation(&gen_path).map_err(blame)?;
+        let raw = match &defaults.generation {
+            Some(g) if !gen_path.is_file() => g.clone(),
+            _ => read_generation(&gen_path).map_err(blame)?,
+        };
         let special = SpecialTokens::resolve(&config, &raw).map_err(|m| blame(Error::bundle(&gen_path, m)))?;
         let generation = GenerationConfig::from_raw(&raw, &special).map_err(|m| blame(Error::bundle(&gen_path, m)))?;
-        let preprocess = PreprocessConfig::from_file(&required(dir, contract::PREPROCESSOR_CONFIG, origin)?).map_err(blame)?;
+        let pre_path = dir.join(contract::PREPROCESSOR_CONFIG);
+        let preprocess = match &defaults.preprocess {
+            Some(p) if !pre_path.is_file() => p.clone(),
+            _ => PreprocessConfig::from_file(&required(dir, contract::PREPROCESSOR_CONFIG, origin)?).map_err(blame)?,
+        };
         let tokenizer = CaptionTokenizer::from_dir(dir).map_err(blame)?;
         let assets = ModelAssets { dir: dir.to_path_buf(), config, special, generation, preprocess, tokenizer };
         assets.check().map_err(blame)?;

@@ -80,6 +80,18 @@ pub struct Gpt2Config {
     /// Standard deviation of GPT-2's weight initialisation (the host model draws the new
     /// cross-attention weights with it).
     pub initializer_range: f64,
+    /// The original ViT-GPT2's cross-attention (flax-community/vit-gpt2): causal over the image
+    /// tokens, so the decoder position t attends to encoder positions 0..=t only (position 0
+    /// sees only CLS; positions ≥ image tokens − 1 see all). Its `encoder_attn` is GPT-2's
+    /// attention module with the default causal mask. Written by the Flax importer for the
+    /// original's checkpoints; off (and not written) for every other checkpoint. A vitgpt2
+    /// setting: transformers ignores it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cross_attention_causal: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Default for Gpt2Config {
@@ -107,6 +119,7 @@ impl Default for Gpt2Config {
             eos_token_id: Some(2),
             pad_token_id: Some(1),
             initializer_range: 0.02,
+            cross_attention_causal: false,
         }
     }
 }

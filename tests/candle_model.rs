@@ -381,7 +381,7 @@ fn bad_checkpoints_are_refused_with_a_clear_message() {
     std::fs::create_dir_all(&d).unwrap();
     std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
     let e = load_error(&d);
-    assert!(e.contains("no model.safetensors or pytorch_model.bin"), "{e}");
+    assert!(e.contains("no model.safetensors, pytorch_model.bin or flax_model.msgpack"), "{e}");
 
     let e = load_error(&tmp.path().join("nowhere"));
     assert!(e.contains("nowhere"), "{e}");

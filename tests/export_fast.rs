@@ -137,6 +137,17 @@ fn optimum_layout_matches_candle() {
     check_checkpoint(&root().join("tests/fixtures/candle/ved"), Layout::Optimum);
 }
 
+/// The Flax fixtures exported straight from their folders, both layouts: the original ViT-GPT2
+/// (its causal cross-attention in the graphs) and transformers' Flax model.
+#[test]
+fn flax_checkpoints_export_and_match_candle() {
+    for name in ["flax-original", "flax-transformers"] {
+        for layout in [Layout::Fast, Layout::Optimum] {
+            check_checkpoint(&root().join("tests/fixtures").join(name), layout);
+        }
+    }
+}
+
 /// `vitgpt2-node bench` on an exported bundle: every figure is there (a smoke test, not timed).
 #[test]
 fn bench_reports_every_figure() {
@@ -180,7 +191,14 @@ fn onnxruntime_agrees_with_tract() {
         common::skipped("onnxruntime_agrees_with_tract", "set VITGPT2_PYTHON to a Python with onnx, onnxruntime and numpy to run this check");
         return;
     };
-    let dir = export(&root().join("tests/fixtures/candle/ved"), Layout::Both, true);
+    // The projected-encoder fixture, and the original ViT-GPT2 (its causal cross-attention in both layouts).
+    for ckpt in ["tests/fixtures/candle/ved", "tests/fixtures/flax-original"] {
+        onnxruntime_replays_tract(&python, &root().join(ckpt));
+    }
+}
+
+fn onnxruntime_replays_tract(python: &std::ffi::OsStr, ckpt: &Path) {
+    let dir = export(ckpt, Layout::Both, true);
     let img = vitgpt2::preprocess::load_image(&root().join("tests/fixtures/images/street.jpg")).unwrap();
     let mut report = serde_json::Map::new();
     for (form, precision) in [("fp32", Precision::Fp32), ("int8", Precision::Int8)] {
@@ -215,15 +233,15 @@ fn onnxruntime_agrees_with_tract() {
     }
     let json_path = dir.path().join("tract_outputs.json");
     std::fs::write(&json_path, serde_json::Value::Object(report).to_string()).unwrap();
-    let out = std::process::Command::new(&python)
+    let out = std::process::Command::new(python)
         .arg(root().join("scripts/check_ort.py"))
         .arg(dir.path())
         .arg(&json_path)
         .output()
         .expect("run scripts/check_ort.py with VITGPT2_PYTHON");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("{text}");
-    assert!(out.status.success(), "scripts/check_ort.py failed:\n{text}");
+    eprintln!("{}:\n{text}", ckpt.display());
+    assert!(out.status.success(), "scripts/check_ort.py failed on {}:\n{text}", ckpt.display());
 }
 
 /// transformers.js (npm `@huggingface/transformers`, pinned in tests/js) loads what `export

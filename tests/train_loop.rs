@@ -4,6 +4,8 @@
 //! presets, and the data order depends only on the seed and the position).
 #![cfg(feature = "host")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -134,6 +136,24 @@ fn loss_goes_down_and_frozen_encoder_stays() {
     let table = vitgpt2::model::vit::sincos_position_embeddings(&cfg.encoder).unwrap();
     assert_eq!(trained.params()["encoder.embeddings.position_embeddings"].as_tensor().to_vec3::<f32>().unwrap(), table.to_vec3::<f32>().unwrap());
     assert!(diff("decoder.transformer.h.0.mlp.c_fc.weight") > 0.0);
+}
+
+/// What a preset run saves is a complete transformers checkpoint (scripts/check_roundtrip.py's
+/// claim, for trained models): the ViT pooler is there (transformers' ViT always has one), both
+/// tokenizer forms and the processor load, and transformers gives candle's logits and greedy ids.
+#[test]
+fn preset_trained_checkpoint_loads_in_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let caps = synth(dir.path());
+    let out = dir.path().join("run");
+    train(&options(&caps, &out, 2, 0)).unwrap();
+    let model = out.join("model");
+    for f in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+        assert!(model.join(f).is_file(), "{f} missing");
+    }
+    let (m, _) = VisionEncoderDecoder::from_checkpoint(&model, &Device::Cpu).unwrap();
+    assert!(m.params().contains_key("encoder.pooler.dense.weight") && m.params().contains_key("encoder.pooler.dense.bias"));
+    common::check_in_transformers(&model, &dir.path().join("synth/images/000000000001.png"), "preset_trained_checkpoint_loads_in_transformers");
 }
 
 #[test]

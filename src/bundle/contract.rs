@@ -107,3 +107,14 @@ pub mod tensor {
         (0..n_layer).flat_map(|i| KV.map(|kv| f(i, kv))).collect()
     }
 }
+
+/// ONNX metadata (`metadata_props`) the exporter writes and the runtime checks.
+pub mod metadata {
+    /// On decoder graphs whose cross-attention is causal over the image tokens (the query at
+    /// position t sees encoder positions 0..=t), as `config.json`'s
+    /// `decoder.cross_attention_causal` asks: the runtime refuses a decoder without it for such a
+    /// model, which would run the ordinary cross-attention and caption differently.
+    pub const CROSS_ATTENTION: &str = "vitgpt2.cross_attention";
+    /// [`CROSS_ATTENTION`]'s value.
+    pub const CAUSAL_OVER_IMAGE_TOKENS: &str = "causal_over_image_tokens";
+}

@@ -18,7 +18,7 @@ use tract_onnx::pb::ModelProto;
 
 use super::onnx::{Attr, Dim, GraphBuilder};
 use super::Weights;
-use crate::bundle::contract::tensor;
+use crate::bundle::contract::{self, tensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::Activation;
@@ -267,9 +267,35 @@ impl<'w> Net<'w> {
 
     /// softmax(q · kᵀ) · v with `kt` already transposed (`[.., hd, len]`); scale folded into q.
     pub fn attend(&mut self, q: &str, kt: &str, v: &str) -> String {
-        let s = self.g.node("MatMul", &[q, kt], vec![]);
+        self.attend_masked(q, kt, v, None)
+    }
+
+    /// [`Self::attend`] with an additive `mask` broadcast onto the scores.
+    pub fn attend_masked(&mut self, q: &str, kt: &str, v: &str, mask: Option<&str>) -> String {
+        let mut s = self.g.node("MatMul", &[q, kt], vec![]);
+        if let Some(m) = mask {
+            s = self.g.node("Add", &[&s, m], vec![]);
+        }
         let p = self.g.node("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
         self.g.node("MatMul", &[&p, v], vec![])
+    }
+
+    /// The cross-attention mask of a model with `decoder.cross_attention_causal` (the original
+    /// ViT-GPT2), `None` otherwise: additive `[N, keys]` (0 / −∞) from the query positions
+    /// `positions` `[N]` (int64), hiding encoder position j from a query at position p when
+    /// j > p (the original's cross-attention is GPT-2's attention with its causal mask).
+    pub fn cross_mask(&mut self, cfg: &ModelConfig, positions: &str) -> Option<String> {
+        if !cfg.decoder.cross_attention_causal {
+            return None;
+        }
+        let s = cfg.encoder.seq_len();
+        let keys = self.g.init_i64("cross_mask.keys", &[s], &(0..s as i64).collect::<Vec<_>>());
+        let axis = self.g.shape_const(&[1]);
+        let col = self.g.node("Unsqueeze", &[positions, &axis], vec![]);
+        let later = self.g.node("Greater", &[&keys, &col], vec![]);
+        let neg = self.g.init_f32("cross_mask.neg_inf", &[], &[f32::NEG_INFINITY]);
+        let zero = self.g.init_f32("cross_mask.zero", &[], &[0.0]);
+        Some(self.g.node("Where", &[&later, &neg, &zero], vec![]))
     }
 }
 
@@ -396,6 +422,16 @@ pub fn encoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> Result
     Ok(net.g.finish("ViT encoder with every decoder layer's cross-attention keys/values (vitgpt2 fast layout)", &meta(form)))
 }
 
+/// The graph metadata that says a decoder's cross-attention is causal over the image tokens
+/// (when `cfg` asks for it; see [`contract::metadata`]).
+pub fn cross_meta(cfg: &ModelConfig) -> Vec<(&'static str, String)> {
+    if cfg.decoder.cross_attention_causal {
+        vec![(contract::metadata::CROSS_ATTENTION, contract::metadata::CAUSAL_OVER_IMAGE_TOKENS.into())]
+    } else {
+        Vec::new()
+    }
+}
+
 fn meta(form: WeightForm) -> Vec<(&'static str, String)> {
     vec![
         ("vitgpt2.layout", "fast".into()),
@@ -433,6 +469,8 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
     // the hypotheses as rows, reading each weight once per step whatever the beam width.
     let ids = net.reshape(&ids, &[-1]);
     let pos = net.reshape(&pos, &[-1]);
+    // [B, S], added to every layer's [heads, B, S] cross scores.
+    let cross_mask = net.cross_mask(cfg, &pos);
     let (tok, lm_w, lm_scale) = token_embedding(&mut net, wte_name, &ids, vocab, d)?;
     let wpe = net.f32_init("decoder.transformer.wpe.weight")?;
     let pe = net.g.node("Gather", &[&wpe, &pos], vec![("axis", Attr::Int(0))]);
@@ -470,7 +508,7 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
         let k = net.reshape(&cross[2 * i], &per_head);
         let kt = net.transpose(&k, &[0, 2, 1]);
         let v = net.reshape(&cross[2 * i + 1], &per_head);
-        let ctx = net.attend(&q, &kt, &v);
+        let ctx = net.attend_masked(&q, &kt, &v, cross_mask.as_deref());
         let ctx = net.transpose(&ctx, &[1, 0, 2]);
         let ctx = net.reshape(&ctx, &merge);
         x = net.residual_proj(&x, &ctx, &format!("{l}.crossattention.c_proj"))?;
@@ -478,7 +516,8 @@ pub fn decoder_step_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm) -> R
     }
     let logits = net.lm_head(&x, eps, &lm_w, lm_scale.as_deref())?;
     net.g.output(&logits, tensor::LOGITS, DataType::Float, &[Dim::Sym("B"), vocab.into()]);
-    Ok(net.g.finish("GPT-2 decoder step with self-attention cache and cached cross keys/values (vitgpt2 fast layout)", &meta(form)))
+    let meta = [meta(form), cross_meta(cfg)].concat();
+    Ok(net.g.finish("GPT-2 decoder step with self-attention cache and cached cross keys/values (vitgpt2 fast layout)", &meta))
 }
 
 /// GPT-2's `c_attn` (Conv1D `[in, 3·out]`) as one matmul split into query, key and value; the

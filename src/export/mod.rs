@@ -161,7 +161,9 @@ pub fn write_graphs(cfg: &ModelConfig, w: &Weights, out: &Path, layout: Layout, 
 /// (the preprocessor's size set to the model's image size, every field written out), and adds
 /// what transformers.js needs that the folder lacks: `is_encoder_decoder` in config.json,
 /// `tokenizer.json` and `tokenizer_config.json` (it reads no `vocab.json` + `merges.txt`), and for
-/// slow-tokenizer users `vocab.json` + `merges.txt` and `special_tokens_map.json`.
+/// slow-tokenizer users `vocab.json` + `merges.txt` and `special_tokens_map.json`. The original
+/// ViT-GPT2's folder has no generation or image-processor settings: those written instead are
+/// [`crate::model::format::original_defaults`], announced on stderr.
 pub fn write_configs(model: &VisionEncoderDecoder, assets: &Path, out: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, "create", e))?;
     let mut config = model.config_json()?;
@@ -169,6 +171,10 @@ pub fn write_configs(model: &VisionEncoderDecoder, assets: &Path, out: &Path) ->
     config["is_encoder_decoder"] = json!(true);
     write_json(&out.join(contract::CONFIG), &config)?;
     let mut files = vec![contract::CONFIG.to_string()];
+    for (name, what) in crate::model::format::write_original_defaults(assets, &model.config, out)? {
+        eprintln!("wrote {name}: {what}");
+        files.push(name);
+    }
     for name in contract::ASSET_FILES {
         let src = assets.join(name);
         if !src.is_file() {

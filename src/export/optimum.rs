@@ -8,7 +8,7 @@
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::ModelProto;
 
-use super::fast::{gelu_of, gpt2_scale, project, vit, Net, WeightForm};
+use super::fast::{cross_meta, gelu_of, gpt2_scale, project, vit, Net, WeightForm};
 use super::onnx::{Attr, Dim};
 use super::Weights;
 use crate::bundle::contract::{self, graph, tensor};
@@ -103,6 +103,8 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, kind: Dec
     let neg = net.g.init_f32("c.neg_inf", &[], &[f32::NEG_INFINITY]);
     let fzero = net.g.init_f32("c.fzero", &[], &[0.0]);
     let mask = net.g.node("Where", &[&future, &neg, &fzero], vec![]);
+    // [T, S], added to every layer's [B, heads, T, S] cross scores.
+    let cross_mask = net.cross_mask(cfg, &pos);
 
     let wte_name = "decoder.transformer.wte.weight";
     let (tok, lm_w, lm_scale) = super::fast::token_embedding(&mut net, wte_name, &ids, vocab, d)?;
@@ -157,7 +159,7 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, kind: Dec
         let v = net.conv1d_cols(&e, &ca, d..2 * d, 1.0, ".value")?;
         let v = net.reshape(&v, &split);
         let v = net.transpose(&v, &[0, 2, 1, 3]);
-        let ctx = net.attend(&q, &kt, &v);
+        let ctx = net.attend_masked(&q, &kt, &v, cross_mask.as_deref());
         let ctx = net.transpose(&ctx, &[0, 2, 1, 3]);
         let ctx = net.reshape(&ctx, &merge);
         x = net.residual_proj(&x, &ctx, &format!("{l}.crossattention.c_proj"))?;
@@ -165,5 +167,6 @@ pub fn decoder_graph(cfg: &ModelConfig, w: &Weights, form: WeightForm, kind: Dec
     }
     let logits = net.lm_head(&x, eps, &lm_w, lm_scale.as_deref())?;
     net.g.output(&logits, tensor::LOGITS, DataType::Float, &[Dim::Sym("batch_size"), t_dim, vocab.into()]);
-    Ok(net.g.finish("GPT-2 decoder with cross-attention (Optimum image-to-text-with-past layout)", &[("vitgpt2.layout", "optimum".into())]))
+    let meta = [vec![("vitgpt2.layout", "optimum".into())], cross_meta(cfg)].concat();
+    Ok(net.g.finish("GPT-2 decoder with cross-attention (Optimum image-to-text-with-past layout)", &meta))
 }

@@ -1,7 +1,9 @@
 //! Loading and saving Hugging Face checkpoints.
 //!
 //! - A `VisionEncoderDecoderModel` directory: config.json + model.safetensors (or
-//!   pytorch_model.bin). Every tensor must be there (the unused ViT pooler excepted) and no other.
+//!   pytorch_model.bin), or a Flax one (flax_model.msgpack: transformers' or the original
+//!   ViT-GPT2's, see [`super::flax`] and [`super::format`]). Every tensor must be there (the
+//!   unused ViT pooler excepted) and no other.
 //! - The original recipe: a pretrained ViT directory plus a pretrained GPT-2 directory (as
 //!   `VisionEncoderDecoderModel.from_encoder_decoder_pretrained`). The GPT-2 LM head stays tied
 //!   to its embedding; only the cross-attention layers (and `enc_to_dec_proj` when the widths
@@ -9,7 +11,6 @@
 //! - Saving writes config.json + model.safetensors that transformers loads as is.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -18,91 +19,14 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use serde_json::Value;
 
+use super::flax::{self, FlaxTree};
+use super::format::{self, CheckpointFormat};
+pub use super::report::{group_names, group_names_by, LoadReport};
 use super::ved::VisionEncoderDecoder;
 use crate::rng::SplitMix;
 use crate::config::{Gpt2Config, ModelConfig, VitConfig};
 use crate::error::{Error, Result};
-
-/// What a load did with each tensor name.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LoadReport {
-    /// The weight files read.
-    pub files: Vec<PathBuf>,
-    /// Taken from the files.
-    pub loaded: Vec<String>,
-    /// Not in the files: freshly initialised (GPT-2's scheme).
-    pub initialised: Vec<String>,
-    /// In the files but not parameters: attention-mask buffers of old checkpoints, a tied LM head.
-    pub ignored: Vec<String>,
-}
-
-impl fmt::Display for LoadReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let files: Vec<String> = self.files.iter().map(|p| p.display().to_string()).collect();
-        writeln!(f, "loaded {} tensors from {}:", self.loaded.len(), files.join(", "))?;
-        for g in group_names(&self.loaded) {
-            writeln!(f, "  {g}")?;
-        }
-        writeln!(f, "initialised {} tensors:", self.initialised.len())?;
-        for g in group_names(&self.initialised) {
-            writeln!(f, "  {g}")?;
-        }
-        if !self.ignored.is_empty() {
-            writeln!(f, "ignored {} tensors (buffers, tied LM head):", self.ignored.len())?;
-            for g in group_names(&self.ignored) {
-                writeln!(f, "  {g}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Names with their layer numbers folded: `decoder.transformer.h.{0..11}.ln_1.weight`.
-pub fn group_names(names: &[String]) -> Vec<String> {
-    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    let mut order: Vec<String> = Vec::new();
-    for n in names {
-        let mut index = None;
-        let parts: Vec<&str> = n
-            .split('.')
-            .map(|p| match p.parse::<usize>() {
-                Ok(i) if index.is_none() => {
-                    index = Some(i);
-                    "{}"
-                }
-                _ => p,
-            })
-            .collect();
-        let key = parts.join(".");
-        let e = groups.entry(key.clone()).or_insert_with(|| {
-            order.push(key.clone());
-            Vec::new()
-        });
-        if let Some(i) = index {
-            e.push(i);
-        }
-    }
-    order
-        .into_iter()
-        .map(|key| {
-            let mut idx = groups[&key].clone();
-            if idx.is_empty() {
-                return key;
-            }
-            idx.sort_unstable();
-            idx.dedup();
-            let (lo, hi) = (idx[0], idx[idx.len() - 1]);
-            let set = if idx.len() == 1 {
-                lo.to_string()
-            } else if hi - lo + 1 == idx.len() {
-                format!("{{{lo}..{hi}}}")
-            } else {
-                format!("{{{}}}", idx.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","))
-            };
-            key.replacen("{}", &set, 1)
-        })
-        .collect()
-}
+use format::read_json;
 
 /// A VarBuilder backend that serves tensors from a checkpoint, initialises the ones it lacks,
 /// makes every one a trainable `Var`, and records which names the model asked for.
@@ -114,6 +38,16 @@ struct Tracker {
     available: BTreeSet<String>,
     requested: Mutex<BTreeMap<String, Var>>,
     rng: Mutex<SplitMix>,
+    /// The Flax tree the tensors came from, to name them as stored in messages.
+    flax: Option<FlaxTree>,
+}
+
+/// `name`, and where a Flax checkpoint stores it.
+fn stored(flax: Option<FlaxTree>, name: &str) -> String {
+    match flax {
+        Some(tree) => format!("{name} (flax: {})", flax::stored_name(tree, name)),
+        None => name.to_string(),
+    }
 }
 
 struct TrackerBackend(Arc<Tracker>);
@@ -139,7 +73,12 @@ impl SimpleBackend for TrackerBackend {
         let tensor = match taken {
             Some(w) => {
                 if w.shape() != &s {
-                    candle_core::bail!("tensor {name} has shape {:?} in the checkpoint but the config gives {:?}", w.dims(), s.dims());
+                    candle_core::bail!(
+                        "tensor {} has shape {:?} in the checkpoint but the config gives {:?}",
+                        stored(t.flax, name),
+                        w.dims(),
+                        s.dims()
+                    );
                 }
                 w.to_dtype(dtype)?.to_device(dev)?
             }
@@ -168,30 +107,20 @@ struct Source {
     files: Vec<PathBuf>,
     tensors: HashMap<String, Tensor>,
     ignored: Vec<String>,
+    dropped: Vec<String>,
     /// A stored LM head to check against the token embedding (it must be tied).
     lm_head: Option<(PathBuf, Tensor)>,
+    flax: Option<FlaxTree>,
 }
 
-/// The weight file of a checkpoint directory: model.safetensors, else pytorch_model.bin.
+/// The PyTorch weight file of a pretrained part's directory: model.safetensors, else
+/// pytorch_model.bin.
 fn weight_file(dir: &Path) -> Result<PathBuf> {
     if !dir.is_dir() {
         return Err(Error::checkpoint(dir, "not a directory; pass a Hugging Face checkpoint folder (config.json + model.safetensors or pytorch_model.bin)"));
     }
-    for name in ["model.safetensors", "pytorch_model.bin"] {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    for index in ["model.safetensors.index.json", "pytorch_model.bin.index.json"] {
-        if dir.join(index).is_file() {
-            return Err(Error::checkpoint(
-                dir.join(index),
-                "sharded checkpoints are not supported: re-save it with transformers' save_pretrained(max_shard_size=\"100GB\")",
-            ));
-        }
-    }
-    Err(Error::checkpoint(dir, "no model.safetensors or pytorch_model.bin in the checkpoint folder"))
+    format::pytorch_weights(dir)?
+        .ok_or_else(|| Error::checkpoint(dir, "no model.safetensors or pytorch_model.bin in the checkpoint folder"))
 }
 
 /// All tensors of a weight file (on the CPU), by their names in the file.
@@ -234,7 +163,21 @@ fn is_buffer(name: &str) -> bool {
 
 impl Source {
     fn new() -> Self {
-        Source { files: Vec::new(), tensors: HashMap::new(), ignored: Vec::new(), lm_head: None }
+        Source { files: Vec::new(), tensors: HashMap::new(), ignored: Vec::new(), dropped: Vec::new(), lm_head: None, flax: None }
+    }
+
+    /// Adds a Flax checkpoint's tensors (`n_embd`: the decoder width, see [`flax::read`]).
+    fn add_flax(&mut self, path: &Path, tree: FlaxTree, n_embd: usize) -> Result<()> {
+        let w = flax::read(path, tree, n_embd)?;
+        self.tensors.extend(w.tensors);
+        if let Some(head) = w.lm_head {
+            self.ignored.push(flax::stored_name(tree, "decoder.lm_head.weight"));
+            self.lm_head = Some((path.to_path_buf(), head));
+        }
+        self.dropped.extend(w.dropped);
+        self.files.push(path.to_path_buf());
+        self.flax = Some(tree);
+        Ok(())
     }
 
     /// Adds the tensors of `path` under the model's names (`rename`); names the model does not
@@ -255,11 +198,6 @@ impl Source {
         self.files.push(path.to_path_buf());
         Ok(())
     }
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| Error::checkpoint(path, format!("not valid JSON: {e}")))
 }
 
 /// `base` with `over`'s fields written over it (objects merged recursively).
@@ -289,16 +227,17 @@ fn build(
     blame: &Path,
     device: &Device,
 ) -> Result<(VisionEncoderDecoder, LoadReport)> {
-    let Source { files, tensors, ignored, lm_head } = source;
+    let Source { files, tensors, ignored, dropped, lm_head, flax } = source;
     let available: BTreeSet<String> = tensors.keys().cloned().collect();
     let tracker = Arc::new(Tracker {
         source: Mutex::new(tensors),
         available,
         requested: Mutex::new(BTreeMap::new()),
         rng: Mutex::new(SplitMix::new(seed)),
+        flax,
     });
     let vb = VarBuilder::from_backend(Box::new(TrackerBackend(tracker.clone())), DType::F32, device.clone());
-    let mut model = VisionEncoderDecoder::load(vb, cfg, with_pooler).map_err(|e| Error::checkpoint(blame, e))?;
+    let mut model = VisionEncoderDecoder::load(vb, cfg, with_pooler).map_err(|e| Error::checkpoint(blame, without_backtrace(e)))?;
     let params = std::mem::take(&mut *tracker.requested.lock().map_err(|_| Error::checkpoint(blame, "parameter lock poisoned"))?);
 
     let mut loaded = Vec::new();
@@ -317,7 +256,7 @@ fn build(
             format!(
                 "{} tensor(s) missing: {} — the weights do not match config.json (wrong checkpoint or config?)",
                 missing.len(),
-                group_names(&missing.iter().map(|s| s.to_string()).collect::<Vec<_>>()).join(", ")
+                group_names(&missing.iter().map(|s| s.to_string()).collect::<Vec<_>>()).iter().map(|g| stored(flax, g)).collect::<Vec<_>>().join(", ")
             ),
         ));
     }
@@ -328,7 +267,7 @@ fn build(
             format!(
                 "{} unexpected tensor(s): {} — not part of a ViT-GPT2 with this config.json (a different architecture or a task head?)",
                 unexpected.len(),
-                group_names(&unexpected).join(", ")
+                group_names(&unexpected).iter().map(|g| stored(flax, g)).collect::<Vec<_>>().join(", ")
             ),
         ));
     }
@@ -348,7 +287,16 @@ fn build(
         }
     }
     model.params = params;
-    Ok((model, LoadReport { files, loaded, initialised, ignored }))
+    Ok((model, LoadReport { files, loaded, initialised, ignored, dropped }))
+}
+
+/// candle's message without the backtrace it attaches when RUST_BACKTRACE is set (the error is
+/// one line about the checkpoint, not about candle's stack).
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other,
+    }
 }
 
 /// The typed config, written over the raw JSON so that fields this crate does not model survive.
@@ -363,24 +311,43 @@ fn config_json(raw: &Value, cfg: &ModelConfig) -> Result<Value> {
 }
 
 impl VisionEncoderDecoder {
-    /// Loads a `VisionEncoderDecoderModel` checkpoint directory.
+    /// Loads a checkpoint directory: transformers' `VisionEncoderDecoderModel` (PyTorch or Flax
+    /// weights) or the original ViT-GPT2's Flax checkpoint, told apart by
+    /// [`format::detect`]. The original's config.json becomes a `VisionEncoderDecoderConfig`
+    /// with `decoder.cross_attention_causal` ([`format::original_config`]).
     pub fn from_checkpoint(dir: &Path, device: &Device) -> Result<(Self, LoadReport)> {
         let config_path = dir.join("config.json");
         if dir.is_dir() && !config_path.is_file() {
             return Err(Error::checkpoint(&config_path, "missing: a VisionEncoderDecoder checkpoint needs config.json"));
         }
-        let cfg = ModelConfig::from_file(&config_path)?;
-        Self::from_checkpoint_with_config(dir, &cfg, device)
+        let fmt = format::detect(dir)?;
+        let (cfg, raw) = match fmt {
+            CheckpointFormat::Flax(_, FlaxTree::Original) => format::original_config(&config_path)?,
+            _ => (ModelConfig::from_file(&config_path)?, read_json(&config_path)?),
+        };
+        Self::load_format(dir, &fmt, &cfg, raw, device)
     }
 
     /// As [`Self::from_checkpoint`], with `cfg` in place of the directory's config.json.
     pub fn from_checkpoint_with_config(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<(Self, LoadReport)> {
-        let weights = weight_file(dir)?;
+        let fmt = format::detect(dir)?;
         let config_path = dir.join("config.json");
-        let raw = if config_path.is_file() { read_json(&config_path)? } else { Value::Null };
-        check_tied(cfg, &config_path)?;
+        let raw = match fmt {
+            CheckpointFormat::Flax(_, FlaxTree::Original) => format::original_config(&config_path)?.1,
+            _ if config_path.is_file() => read_json(&config_path)?,
+            _ => Value::Null,
+        };
+        Self::load_format(dir, &fmt, cfg, raw, device)
+    }
+
+    fn load_format(dir: &Path, fmt: &CheckpointFormat, cfg: &ModelConfig, raw: Value, device: &Device) -> Result<(Self, LoadReport)> {
+        let weights = fmt.weights().to_path_buf();
+        check_tied(cfg, &dir.join("config.json"))?;
         let mut source = Source::new();
-        source.add(&weights, |n| n.to_string(), &["decoder.lm_head.weight"])?;
+        match fmt {
+            CheckpointFormat::PyTorch(_) => source.add(&weights, |n| n.to_string(), &["decoder.lm_head.weight"])?,
+            CheckpointFormat::Flax(_, tree) => source.add_flax(&weights, *tree, cfg.decoder.n_embd)?,
+        }
         let with_pooler = source.tensors.contains_key("encoder.pooler.dense.weight");
         // The pooler is never used for captions; anything else missing is an error.
         let (mut model, report) = build(source, cfg, with_pooler, 0, |n| n.starts_with("encoder.pooler."), &weights, device)?;
@@ -412,23 +379,7 @@ impl VisionEncoderDecoder {
             return Err(Error::checkpoint(&gpt_cfg_path, format!("model_type is `{}`; pass a GPT-2 checkpoint as the decoder", decoder.model_type)));
         }
         check_tied_gpt2(&decoder, &gpt_cfg_path)?;
-        let cfg = ModelConfig {
-            model_type: "vision-encoder-decoder".into(),
-            decoder_start_token_id: decoder.bos_token_id,
-            pad_token_id: decoder.pad_token_id.or(decoder.eos_token_id),
-            eos_token_id: decoder.eos_token_id,
-            tie_word_embeddings: Some(false),
-            encoder,
-            decoder,
-        };
-        cfg.validate().map_err(|m| Error::checkpoint(&gpt_cfg_path, m))?;
-        let raw = serde_json::json!({
-            "architectures": ["VisionEncoderDecoderModel"],
-            "model_type": "vision-encoder-decoder",
-            "is_encoder_decoder": true,
-            "encoder": vit_raw,
-            "decoder": gpt_raw,
-        });
+        let (cfg, raw) = format::encoder_decoder_config(encoder, decoder, vit_raw, gpt_raw, &gpt_cfg_path)?;
 
         let mut source = Source::new();
         // ViTModel names; a ViTFor… checkpoint nests them under `vit.`.
@@ -457,6 +408,7 @@ impl VisionEncoderDecoder {
         check_tied(cfg, Path::new("config.json"))?;
         let blame = Path::new("<random init>");
         let (mut model, _) = build(Source::new(), cfg, false, seed, |_| true, blame, device)?;
+        model.add_pooler(seed)?;
         let raw = serde_json::json!({
             "architectures": ["VisionEncoderDecoderModel"],
             "model_type": "vision-encoder-decoder",
@@ -466,6 +418,27 @@ impl VisionEncoderDecoder {
         });
         model.raw_config = config_json(&raw, cfg)?;
         Ok(model)
+    }
+
+    /// Gives a model built without the ViT pooler one (weight N(0, 0.02) from its own stream of
+    /// `seed`, bias 0, as transformers initialises a `ViTPooler`), so that its checkpoints load in
+    /// transformers with no missing keys (`VisionEncoderDecoderModel` builds its ViT with the
+    /// pooler and has no setting to leave it out). Captioning never uses it and it is not
+    /// trained. Drawn after everything else, so the other weights of a seed do not change.
+    fn add_pooler(&mut self, seed: u64) -> Result<()> {
+        if self.params.contains_key("encoder.pooler.dense.weight") {
+            return Ok(());
+        }
+        let d = self.config.encoder.hidden_size;
+        let mut rng = SplitMix::new(seed ^ 0x706f_6f6c_6572);
+        let w: Vec<f32> = (0..d * d).map(|_| (0.02 * rng.normal()) as f32).collect();
+        let device = self.device().clone();
+        let err = |e: candle_core::Error| Error::runtime("pooler initialisation", e);
+        let weight = Var::from_tensor(&Tensor::from_vec(w, (d, d), &device).map_err(err)?).map_err(err)?;
+        let bias = Var::from_tensor(&Tensor::zeros(d, DType::F32, &device).map_err(err)?).map_err(err)?;
+        self.params.insert("encoder.pooler.dense.weight".into(), weight);
+        self.params.insert("encoder.pooler.dense.bias".into(), bias);
+        Ok(())
     }
 
     /// config.json as it will be saved.

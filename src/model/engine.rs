@@ -8,8 +8,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use ndarray::Array4;
 
+use super::format;
 use super::ved::VisionEncoderDecoder;
 use crate::assets::{ModelAssets, Origin};
+use crate::bundle::contract;
 use crate::captioner::Captioner;
 use crate::engine::{Engine, ImageEncoding};
 use crate::error::{Error, Result};
@@ -66,13 +68,23 @@ impl ImageEncoding for CandleEncoding<'_> {
 }
 
 /// The captioner of a checkpoint folder (`config.json`, weights, preprocessor_config.json,
-/// tokenizer, optionally generation_config.json), on `device`. Errors:
-/// [`Error::Checkpoint`] naming the file and the problem.
+/// tokenizer, optionally generation_config.json; or the original ViT-GPT2's folder, whose
+/// missing settings come from [`format::original_defaults`], each announced by a warning), on
+/// `device`. Errors: [`Error::Checkpoint`] naming the file and the problem.
 pub fn open_checkpoint(dir: &Path, device: &Device) -> Result<Captioner> {
     let t0 = Instant::now();
     let (model, report) = VisionEncoderDecoder::from_checkpoint(dir, device)?;
     tracing::info!(model = %dir.display(), loaded = report.loaded.len(), initialised = report.initialised.len(), "candle model loaded");
-    let assets = ModelAssets::with_config(dir, model.config.clone(), Origin::Checkpoint)?;
+    let defaults = format::original_defaults(&format::detect(dir)?, &model.config);
+    if defaults.generation.is_some() && !dir.join(contract::GENERATION_CONFIG).is_file() {
+        tracing::warn!("{}: generation settings: {}", dir.display(), format::generation_note());
+    }
+    if !dir.join(contract::PREPROCESSOR_CONFIG).is_file() {
+        if let Some(p) = &defaults.preprocess {
+            tracing::warn!("{}: image processor: {}", dir.display(), format::preprocess_note(p.size.height));
+        }
+    }
+    let assets = ModelAssets::with_defaults(dir, model.config.clone(), Origin::Checkpoint, &defaults)?;
     let engine = CandleEngine::new(Arc::new(model), report.files);
     Ok(Captioner::new(assets, Box::new(engine), t0.elapsed().as_secs_f64() * 1e3))
 }

@@ -6,7 +6,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::{attention, causal_mask, dropout, merge_heads, split_heads, Activation, Conv1D, LayerNorm};
+use super::{attention, causal_mask, dropout, merge_heads, position_mask, split_heads, Activation, Conv1D, LayerNorm};
 use crate::config::Gpt2Config;
 
 /// Attention scale: 1/sqrt(head_dim) (`scale_attn_weights`), divided by layer_idx + 1 when
@@ -86,7 +86,9 @@ impl SelfAttention {
 }
 
 /// Cross-attention (`crossattention`): queries `q_attn` from the decoder, keys and values
-/// `c_attn` (fused k,v) from the encoder output, output `c_proj`. No mask.
+/// `c_attn` (fused k,v) from the encoder output, output `c_proj`. No mask, except with
+/// `cross_attention_causal` (the original ViT-GPT2): the query at position t sees encoder
+/// positions 0..=t.
 #[derive(Debug, Clone)]
 pub struct CrossAttention {
     q_attn: Conv1D,
@@ -96,6 +98,7 @@ pub struct CrossAttention {
     scale: f64,
     attn_pdrop: f64,
     resid_pdrop: f64,
+    causal: bool,
 }
 
 impl CrossAttention {
@@ -109,6 +112,7 @@ impl CrossAttention {
             scale: attention_scale(cfg, layer_idx),
             attn_pdrop: cfg.attn_pdrop,
             resid_pdrop: cfg.resid_pdrop,
+            causal: cfg.cross_attention_causal,
         })
     }
 
@@ -119,9 +123,11 @@ impl CrossAttention {
         Ok(KeyValues { k: split_heads(&kv.narrow(2, 0, d)?, self.heads)?, v: split_heads(&kv.narrow(2, d, d)?, self.heads)? })
     }
 
-    pub fn forward(&self, x: &Tensor, kv: &KeyValues, train: bool) -> Result<Tensor> {
+    /// `x` `[batch, len, n_embd]` holds decoder positions `first..first + len`.
+    pub fn forward(&self, x: &Tensor, kv: &KeyValues, first: usize, train: bool) -> Result<Tensor> {
         let q = split_heads(&self.q_attn.forward(x)?, self.heads)?;
-        let ctx = merge_heads(&attention(&q, &kv.k, &kv.v, self.scale, None, self.attn_pdrop, train)?)?;
+        let mask = if self.causal { Some(position_mask(q.dim(2)?, first, kv.k.dim(2)?, x.device())?) } else { None };
+        let ctx = merge_heads(&attention(&q, &kv.k, &kv.v, self.scale, mask.as_ref(), self.attn_pdrop, train)?)?;
         dropout(&self.c_proj.forward(&ctx)?, self.resid_pdrop, train)
     }
 }
@@ -181,9 +187,10 @@ impl Block {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, cross: &KeyValues, past: Option<&mut Option<KeyValues>>, train: bool) -> Result<Tensor> {
+    /// `x` holds decoder positions `first..` (`first` = the cached length, 0 without a cache).
+    pub fn forward(&self, x: &Tensor, cross: &KeyValues, past: Option<&mut Option<KeyValues>>, first: usize, train: bool) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, past, train)?)?;
-        let x = (&x + self.crossattention.forward(&self.ln_cross_attn.forward(&x)?, cross, train)?)?;
+        let x = (&x + self.crossattention.forward(&self.ln_cross_attn.forward(&x)?, cross, first, train)?)?;
         &x + self.mlp.forward(&self.ln_2.forward(&x)?, train)?
     }
 }
@@ -272,7 +279,7 @@ impl Gpt2LmHead {
         let mut x = self.embed(input_ids, 0, train)?;
         for block in &self.h {
             let cross = block.crossattention.key_values(encoder_hidden)?;
-            x = block.forward(&x, &cross, None, train)?;
+            x = block.forward(&x, &cross, None, 0, train)?;
         }
         self.lm_head(&x)
     }
@@ -287,9 +294,10 @@ impl Gpt2LmHead {
     /// Incremental pass (evaluation): feeds `input_ids` `[batch, new]` after the cached
     /// positions and returns their logits `[batch, new, vocab]`.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut Gpt2Cache) -> Result<Tensor> {
-        let mut x = self.embed(input_ids, cache.len()?, false)?;
+        let first = cache.len()?;
+        let mut x = self.embed(input_ids, first, false)?;
         for (i, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, &cache.cross_kv[i], Some(&mut cache.self_kv[i]), false)?;
+            x = block.forward(&x, &cache.cross_kv[i], Some(&mut cache.self_kv[i]), first, false)?;
         }
         self.lm_head(&x)
     }

@@ -9,7 +9,10 @@
 pub mod checkpoint;
 pub mod commands;
 pub mod engine;
+pub mod flax;
+pub mod format;
 pub mod gpt2;
+pub mod report;
 pub mod ved;
 pub mod vit;
 
@@ -163,9 +166,16 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 
 /// Additive causal mask `[q_len, past + q_len]`: query i (at position past + i) sees keys 0..=past + i.
 pub fn causal_mask(q_len: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let k_len = past + q_len;
+    position_mask(q_len, past, past + q_len, device)
+}
+
+/// Additive mask `[q_len, k_len]` (0 or −∞, f32): query i, at position `first + i`, sees keys
+/// 0..=first + i. GPT-2's causal self-attention ([`causal_mask`]) and the original ViT-GPT2's
+/// cross-attention over the image tokens (`cross_attention_causal`, `k_len` = image tokens; a row
+/// always keeps key 0, CLS, so no row is all −∞).
+pub fn position_mask(q_len: usize, first: usize, k_len: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..q_len)
-        .flat_map(|i| (0..k_len).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| (0..k_len).map(move |j| if j > first + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Tensor::from_vec(mask, (q_len, k_len), device)?.to_dtype(DType::F32)
+    Tensor::from_vec(mask, (q_len, k_len), device)
 }

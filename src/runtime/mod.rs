@@ -88,6 +88,10 @@ fn runs(bundle: &Bundle, word: &str) -> bool {
 
 fn load_set(bundle: &Bundle, set: &GraphSet, mut files: Vec<OnnxFile>) -> Result<Box<dyn Engine>> {
     let assets = &bundle.assets;
+    if assets.config.decoder.cross_attention_causal {
+        // Every layout lists its encoder first.
+        files.iter().skip(1).try_for_each(check_causal_cross_attention)?;
+    }
     Ok(match (set.layout, files.len()) {
         (GraphLayout::Fast, 2) => {
             let dec = files.remove(1);
@@ -104,6 +108,21 @@ fn load_set(bundle: &Bundle, set: &GraphSet, mut files: Vec<OnnxFile>) -> Result
         }
         (layout, n) => return Err(Error::bundle(bundle.dir(), format!("{n} graph files for the {} layout", layout.word()))),
     })
+}
+
+/// A model whose config.json sets `decoder.cross_attention_causal` (the original ViT-GPT2) needs
+/// decoder graphs that apply that mask, which `vitgpt2-host export` marks in their metadata; any
+/// other decoder (e.g. exported by Optimum from a converted checkpoint) would caption differently.
+fn check_causal_cross_attention(file: &OnnxFile) -> Result<()> {
+    use crate::bundle::contract::metadata;
+    let marked = file.proto.metadata_props.iter().any(|p| p.key == metadata::CROSS_ATTENTION && p.value == metadata::CAUSAL_OVER_IMAGE_TOKENS);
+    if marked {
+        return Ok(());
+    }
+    Err(Error::bundle(
+        &file.path,
+        "config.json sets decoder.cross_attention_causal (the original ViT-GPT2's cross-attention) but this decoder graph does not apply it: re-export the checkpoint with vitgpt2-host export",
+    ))
 }
 
 /// Opens the bundle in `dir` and loads its graphs: the captioner of `vitgpt2-node caption`,

@@ -137,6 +137,10 @@ fn start_fresh(args: &TrainOptions, run: &RunDir, train_set: &CaptionSet, device
         });
         write_json(&assets.join(contract::GENERATION_CONFIG), &gen)?;
     }
+    // Both tokenizer forms (tokenizer.json, vocab.json + merges.txt) and their configs, so that
+    // the run's checkpoints load in transformers' fast and slow tokenizers alike.
+    let a = ModelAssets::with_config(&assets, model.config.clone(), Origin::Checkpoint)?;
+    a.tokenizer.complete_files(&assets, &a.special, model.config.decoder.n_positions)?;
     Ok(model)
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use vitgpt2::export::pipeline::{PipelineSource, TrainAndExportOptions};
 use vitgpt2::export::{ExportCommand, ExportPreset, Layout, ModelSource};
-use vitgpt2::model::commands::{HostCaptionOptions, InitOptions};
+use vitgpt2::model::commands::{ConvertOptions, HostCaptionOptions, InitOptions};
 use vitgpt2::train::commands::{EvaluateOptions, SynthOptions, TokenizerOptions};
 use vitgpt2::train::options::{ComputeDtype, Decay, PositionInit, Preset, TrainOptions};
 use vitgpt2::GenerationOverrides;
@@ -25,6 +25,9 @@ pub enum Command {
     Caption(HostCaptionArgs),
     /// Build a ViT-GPT2 from a pretrained ViT and a pretrained GPT-2 and save it as a checkpoint.
     Init(InitArgs),
+    /// Write any checkpoint vitgpt2 reads (e.g. the original ViT-GPT2's Flax folder) as a
+    /// transformers VisionEncoderDecoderModel checkpoint (safetensors, configs, tokenizer).
+    Convert(ConvertArgs),
     /// Draw a synthetic French captioning set (shapes; COCO format), deterministic by seed.
     Synth(SynthArgs),
     /// Train a byte-level BPE tokenizer on captions.
@@ -81,6 +84,23 @@ pub struct InitArgs {
 impl From<&InitArgs> for InitOptions {
     fn from(a: &InitArgs) -> Self {
         InitOptions { vit: a.vit.clone(), gpt2: a.gpt2.clone(), out: a.out.clone(), seed: a.seed }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConvertArgs {
+    /// Checkpoint folder: transformers' (PyTorch or Flax weights) or the original ViT-GPT2's
+    /// (config.json + flax_model.msgpack, with vocab.json + merges.txt).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output folder (created): a transformers VisionEncoderDecoderModel checkpoint.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl From<&ConvertArgs> for ConvertOptions {
+    fn from(a: &ConvertArgs) -> Self {
+        ConvertOptions { checkpoint: a.checkpoint.clone(), out: a.out.clone() }
     }
 }
 

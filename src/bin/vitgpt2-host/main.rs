@@ -26,6 +26,7 @@ fn main() {
     let code = match &cli.command {
         Command::Caption(a) => model::commands::caption(&a.into()).map_err(|e| e.to_string()),
         Command::Init(a) => model::commands::init(&a.into()).map_err(|e| e.to_string()),
+        Command::Convert(a) => model::commands::convert(&a.into()).map_err(|e| e.to_string()),
         Command::Synth(a) => train::synth(&a.into()).map_err(|e| e.to_string()),
         Command::TrainTokenizer(a) => train::train_tokenizer(&a.into()).map_err(|e| e.to_string()),
         Command::Train(a) => train::train(&a.as_ref().into()).map_err(|e| e.to_string()),
