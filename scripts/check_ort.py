@@ -134,25 +134,21 @@ def main():
         summary[f"fast_{form}_max_diff"] = diff
         summary[f"fast_{form}_argmax_agree"] = [same, total]
 
-    if "fp32" in ref and graph_path(a.bundle, "decoder_model.onnx"):
+    # Optimum's decoders on row 0's token path, against tract's fast-layout logits.
+    optimum_checks = (
+        ("decoder_model.onnx", optimum_logits, "optimum", "optimum layout fp32: decoder_model on the whole prefix"),
+        ("decoder_model_merged.onnx", merged_logits, "optimum_merged", "optimum merged fp32: decoder_model_merged step by step from an empty past"),
+    )
+    for graph, logits_of, key, what in optimum_checks:
+        if "fp32" not in ref or not graph_path(a.bundle, graph):
+            continue
         prefix = [step[0] for step in ref["fp32"]["tokens"]]
         want = np.array([step[0] for step in ref["fp32"]["logits"]], np.float32)
-        got = optimum_logits(a.bundle, pixels, prefix)
-        diff = float(np.abs(got - want).max())
+        diff = float(np.abs(logits_of(a.bundle, pixels, prefix) - want).max())
         good = diff <= a.tol
         ok &= good
-        print(f"optimum layout fp32: decoder_model on {len(prefix)} tokens vs tract's fast-layout steps: max diff {diff:.2e}: {'OK' if good else 'FAIL'}")
-        summary["optimum_fp32_max_diff"] = diff
-
-    if "fp32" in ref and graph_path(a.bundle, "decoder_model_merged.onnx"):
-        prefix = [step[0] for step in ref["fp32"]["tokens"]]
-        want = np.array([step[0] for step in ref["fp32"]["logits"]], np.float32)
-        got = merged_logits(a.bundle, pixels, prefix)
-        diff = float(np.abs(got - want).max())
-        good = diff <= a.tol
-        ok &= good
-        print(f"optimum merged fp32: decoder_model_merged step by step from an empty past vs tract's steps: max diff {diff:.2e}: {'OK' if good else 'FAIL'}")
-        summary["optimum_merged_fp32_max_diff"] = diff
+        print(f"{what} ({len(prefix)} tokens) vs tract's steps: max diff {diff:.2e}: {'OK' if good else 'FAIL'}")
+        summary[f"{key}_fp32_max_diff"] = diff
 
     summary["ok"] = bool(ok)
     print(json.dumps(summary))
