@@ -147,7 +147,7 @@ fn files_source_expands_globs_in_order_and_ends() {
         test_pattern(8, 8).save(dir.path().join(n)).unwrap();
     }
     let pat = format!("{}/*.png", dir.path().display());
-    let mut src = camera::FilesSource::new(&[pat.clone()], false, 1000.0).unwrap();
+    let mut src = camera::FilesSource::new(std::slice::from_ref(&pat), false, 1000.0).unwrap();
     let mut got = Vec::new();
     loop {
         match src.next(Duration::ZERO) {

@@ -243,7 +243,7 @@ fn tls_with_right_ca_connects_and_wrong_ca_is_reported() {
     let right = format!("[mqtt.tls]\nca_file = \"{}\"", d.join("ca.pem").display());
     drop_images(&watch, "a", 1);
     let _node = Node::start(d, "right", &config(&watch, &spool, tls, "", "").replace("[spool]", &format!("{right}\n\n[spool]")));
-    wait_until("a caption over TLS", Duration::from_secs(20), || sub.captions("t/cam1/caption").len() >= 1);
+    wait_until("a caption over TLS", Duration::from_secs(20), || !sub.captions("t/cam1/caption").is_empty());
 }
 
 #[test]

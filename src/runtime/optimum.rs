@@ -27,7 +27,7 @@ pub enum DecoderFiles {
     /// `decoder_model` + `decoder_with_past_model`.
     Split { decoder: OnnxFile, decoder_with_past: OnnxFile },
     /// `decoder_model_merged`.
-    Merged(OnnxFile),
+    Merged(Box<OnnxFile>),
 }
 
 pub struct OptimumRuntime {
@@ -96,7 +96,8 @@ impl OptimumRuntime {
                 let later = Graph::load(decoder_with_past, specs, &dec_outputs)?;
                 (Arc::new(first), Arc::new(later), paths)
             }
-            DecoderFiles::Merged(mut file) => {
+            DecoderFiles::Merged(file) => {
+                let mut file = *file;
                 file.specialize_use_cache()?;
                 let paths = vec![file.path.clone()];
                 let one = Arc::new(Graph::load(file, specs, &dec_outputs)?);
