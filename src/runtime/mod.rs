@@ -104,7 +104,7 @@ fn load_set(bundle: &Bundle, set: &GraphSet, mut files: Vec<OnnxFile>) -> Result
         }
         (GraphLayout::OptimumMerged, 2) => {
             let merged = files.remove(1);
-            Box::new(OptimumRuntime::load(assets, files.remove(0), DecoderFiles::Merged(Box::new(merged)), set.dtype)?)
+            Box::new(OptimumRuntime::load(assets, files.remove(0), DecoderFiles::Merged(merged), set.dtype)?)
         }
         (layout, n) => return Err(Error::bundle(bundle.dir(), format!("{n} graph files for the {} layout", layout.word()))),
     })

@@ -22,12 +22,13 @@ use crate::engine::{Engine, ImageEncoding};
 use crate::error::{chain, Error, Result};
 use crate::generate::DecoderSession;
 
-/// The decoder files of an Optimum bundle.
+/// The decoder files of an Optimum bundle (made once per load: their size does not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum DecoderFiles {
     /// `decoder_model` + `decoder_with_past_model`.
     Split { decoder: OnnxFile, decoder_with_past: OnnxFile },
     /// `decoder_model_merged`.
-    Merged(Box<OnnxFile>),
+    Merged(OnnxFile),
 }
 
 pub struct OptimumRuntime {
@@ -96,8 +97,7 @@ impl OptimumRuntime {
                 let later = Graph::load(decoder_with_past, specs, &dec_outputs)?;
                 (Arc::new(first), Arc::new(later), paths)
             }
-            DecoderFiles::Merged(file) => {
-                let mut file = *file;
+            DecoderFiles::Merged(mut file) => {
                 file.specialize_use_cache()?;
                 let paths = vec![file.path.clone()];
                 let one = Arc::new(Graph::load(file, specs, &dec_outputs)?);
