@@ -138,6 +138,12 @@ impl GraphBuilder {
         self.init_raw(name, dims, DataType::Int8, raw)
     }
 
+    /// A uint8 initializer (onnxruntime's `_uint8` weights, zero points).
+    pub fn init_u8(&mut self, name: &str, dims: &[usize], data: &[u8]) -> String {
+        assert_eq!(dims.iter().product::<usize>(), data.len(), "initializer {name}");
+        self.init_raw(name, dims, DataType::Uint8, data.to_vec())
+    }
+
     /// An int64 initializer (shapes, axes).
     pub fn init_i64(&mut self, name: &str, dims: &[usize], data: &[i64]) -> String {
         assert_eq!(dims.iter().product::<usize>(), data.len(), "initializer {name}");

@@ -9,6 +9,7 @@ use tract_hir::infer::Factoid;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
+use super::int8;
 use super::onnx_file::OnnxFile;
 use crate::error::{chain, Error, Result};
 
@@ -18,6 +19,38 @@ pub struct Graph {
     plan: Arc<TypedRunnableModel>,
     inputs: Vec<String>,
     outputs: Vec<String>,
+    /// Int8 products running on rten-gemm ([`int8`]).
+    int8_products: usize,
+}
+
+/// Which kernels run the int8 products (`VITGPT2_INT8_GEMM=tract|rten`, default rten: the
+/// comparison in README "Performance" is made by switching this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Gemm {
+    /// rten-gemm through [`int8::substitute`], where the CPU's kernel is exact.
+    Rten,
+    /// tract's own quantized matrix products.
+    Tract,
+}
+
+impl Int8Gemm {
+    pub fn from_env() -> Self {
+        match std::env::var("VITGPT2_INT8_GEMM").as_deref() {
+            Ok("tract") => Int8Gemm::Tract,
+            _ => Int8Gemm::Rten,
+        }
+    }
+}
+
+/// tract's passes with the int8 substitution between them: typing, declutter, [`int8::substitute`]
+/// (for [`Int8Gemm::Rten`]), then tract's optimizer. Returns the model and how many products
+/// were substituted.
+pub fn optimize(model: InferenceModel, gemm: Int8Gemm) -> TractResult<(TypedModel, usize)> {
+    let mut typed = model.into_typed()?;
+    typed.declutter()?;
+    let n = if gemm == Int8Gemm::Rten { int8::substitute(&mut typed)? } else { 0 };
+    typed.optimize()?;
+    Ok((typed, n))
 }
 
 /// The shape and type a graph input must have.
@@ -105,7 +138,7 @@ impl Graph {
             let fact = InferenceFact::dt_shape(spec.dtype, spec.shape.clone());
             model.set_input_fact(ix, fact).map_err(|e| Error::bundle(path, chain(&e)))?;
         }
-        let mut typed = model.into_optimized().map_err(|e| {
+        let (mut typed, int8_products) = optimize(model, Int8Gemm::from_env()).map_err(|e| {
             let msg = chain(&e);
             match failing_op(&msg) {
                 // tract registers the operator but not this form of it.
@@ -113,13 +146,21 @@ impl Graph {
                 None => Error::bundle(path, format!("shapes or operators do not fit this model's config.json: {msg}")),
             }
         })?;
+        if int8_products > 0 {
+            tracing::debug!(graph = %path.display(), int8_products, kernel = int8::kernel().unwrap_or("-"), "int8 products on rten-gemm");
+        }
         fold_constant_packs(&mut typed).map_err(|e| Error::bundle(path, chain(&e)))?;
         let plan = typed.into_runnable().map_err(|e| Error::bundle(path, chain(&e)))?;
-        Ok(Graph { path: path.to_path_buf(), plan, inputs: input_names, outputs: output_names })
+        Ok(Graph { path: path.to_path_buf(), plan, inputs: input_names, outputs: output_names, int8_products })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many of the graph's int8 products run on rten-gemm.
+    pub fn int8_products(&self) -> usize {
+        self.int8_products
     }
 
     /// Whether the graph takes an input called `name`.

@@ -5,6 +5,7 @@
 
 pub mod fast;
 pub mod graph;
+pub mod int8;
 pub mod onnx_file;
 pub mod optimum;
 
@@ -35,9 +36,11 @@ pub struct LoadOptions {
     pub threads: usize,
 }
 
-/// How many threads tract's matrix products use; 1 keeps tract single-threaded (its default).
+/// How many threads the matrix products use (tract's and the int8 ones on rten-gemm, see
+/// [`int8::set_threads`]); 1 keeps them single-threaded (tract's default).
 pub fn set_threads(threads: usize) {
     use tract_linalg::multithread::{set_default_executor, Executor};
+    int8::set_threads(threads);
     if threads > 1 {
         set_default_executor(Executor::multithread(threads));
     } else {

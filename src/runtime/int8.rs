@@ -1,0 +1,324 @@
+//! The int8 matrix products of a graph on rten-gemm, inside tract (issue #15).
+//!
+//! tract turns ONNX `MatMulInteger` (our fast layout's int8 linears, and the
+//! `DynamicQuantizeLinear` → `MatMulInteger` pairs of onnxruntime's and Optimum's quantized
+//! exports) into a quantized `EinSum` whose int8 kernel ran at ~100–130 GMAC/s here, slower
+//! than onnxruntime's whole encoder. [`substitute`] runs after tract's declutter pass and before
+//! its optimizer: every such product with a constant right-hand matrix becomes an
+//! [`Int8MatMul`], which packs that matrix once at load and runs on rten-gemm's u8×i8 kernels
+//! (AVX-512 VNNI / AVX-VNNI / AVX2 on x86-64, i8mm / dotprod / NEON on aarch64). The rest of the
+//! graph, the optimizer and the executor stay tract's.
+//!
+//! Exactness: both compute `Σ_k (a − a0)(b − b0)` in i32. rten-gemm takes the left operand as
+//! u8 and the right as i8, so an i8 left operand is shifted by +128 (xor 0x80) with its zero
+//! point shifted alike, and a u8 right operand by −128, which changes neither difference. The
+//! one kernel that can round (x86-64 AVX2 without VNNI, whose `vpmaddubsw` saturates pairs of
+//! products to i16) is never used: there the products stay tract's. `tests/int8_gemm.rs` checks
+//! equality with tract's own `MatMulInteger` on random shapes, odd edge sizes and every
+//! operand type and zero-point form.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, PackedBMatrix, QuantParams};
+use rten_tensor::{Matrix, NdTensorView};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+/// The u8 × i8 → i32 executor, chosen once for this CPU.
+fn executor() -> &'static GemmExecutor<u8, i8, i32> {
+    // Leaked once: the executor is Sync but not Send, so it cannot sit in a OnceLock itself.
+    static EXECUTOR: OnceLock<&'static GemmExecutor<u8, i8, i32>> = OnceLock::new();
+    EXECUTOR.get_or_init(|| Box::leak(Box::new(GemmExecutor::default())))
+}
+
+/// The rten-gemm kernel products run on here (e.g. `avx512-int8`), or `None` where
+/// [`substitute`] leaves them to tract (a kernel that can saturate).
+pub fn kernel() -> Option<&'static str> {
+    let gemm = executor();
+    (!gemm.may_saturate()).then(|| gemm.kernel_name())
+}
+
+static THREADS: AtomicUsize = AtomicUsize::new(1);
+
+/// Threads for the int8 products (the node's `--threads`). One thread runs each product on the
+/// caller's thread: rayon's global pool is made single-threaded at the first call, when nothing
+/// has started it yet (in the node, nothing does); more threads run in a pool of that size.
+pub fn set_threads(threads: usize) {
+    let threads = threads.max(1);
+    THREADS.store(threads, Ordering::Relaxed);
+    if threads == 1 {
+        // Fails when the pool already exists (e.g. candle started it in vitgpt2-host): products
+        // then run in a one-thread pool of their own, a little slower, same results.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(1).build_global();
+    }
+}
+
+/// Runs `f` where rayon (so rten-gemm) sees exactly the configured number of threads.
+fn with_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let n = THREADS.load(Ordering::Relaxed);
+    if rayon::current_num_threads() == n {
+        return f();
+    }
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let pool = {
+        let mut pools = POOLS.lock().unwrap_or_else(|p| p.into_inner());
+        match pools.iter().find(|(k, _)| *k == n) {
+            Some((_, p)) => Some(p.clone()),
+            None => match rayon::ThreadPoolBuilder::new().num_threads(n).build() {
+                Ok(p) => {
+                    let p = Arc::new(p);
+                    pools.push((n, p.clone()));
+                    Some(p)
+                }
+                Err(_) => None,
+            },
+        }
+    };
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}
+
+/// The left operand's zero point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LeftZero {
+    /// Known at load (already shifted to u8 terms).
+    Const(u8),
+    /// The op's second input, a one-element tensor of the left operand's type
+    /// (`DynamicQuantizeLinear`'s zero point).
+    Input,
+}
+
+/// `y[.., n] = Σ_k (a[.., k] − a0)(b[k, n] − b0[n])` in i32, `b` packed once at load.
+///
+/// Inputs: `a` (i8 or u8, `[.., K]`, any leading dims) and, for [`LeftZero::Input`], the
+/// zero point `a0` (one element). Output: i32 `[.., N]`.
+#[derive(Clone)]
+pub struct Int8MatMul {
+    packed: Arc<PackedBMatrix<i8>>,
+    k: usize,
+    n: usize,
+    /// b0 per column, in i8 terms (see the module docs); `None` when all are zero. rten-gemm
+    /// ignores zero points of a pre-packed matrix (they are taken at packing, and prepacking
+    /// takes none), so `b0[n] · Σ_k (a − a0)` is subtracted here after the product.
+    b_zero: Option<Arc<[i32]>>,
+    /// The left operand is i8 (shifted by +128 at every call).
+    a_signed: bool,
+    a_zero: LeftZero,
+}
+
+impl std::fmt::Debug for Int8MatMul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Int8MatMul(k={}, n={}, a={}, a0={:?}, b0={})", self.k, self.n, if self.a_signed { "i8" } else { "u8" }, self.a_zero, self.b_zero.is_some())
+    }
+}
+
+impl PartialEq for Int8MatMul {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.packed, &other.packed) && self.a_signed == other.a_signed && self.a_zero == other.a_zero
+    }
+}
+impl Eq for Int8MatMul {}
+
+impl Op for Int8MatMul {
+    fn name(&self) -> StaticName {
+        "Int8MatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("rten-gemm {}: K={} N={}, left {}", executor().kernel_name(), self.k, self.n, if self.a_signed { "i8" } else { "u8" })])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Int8MatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let a = &inputs[0];
+        let shape = a.shape();
+        ensure!(shape.last() == Some(&self.k), "Int8MatMul: input shape {shape:?}, expected last dim {}", self.k);
+        let m: usize = shape[..shape.len() - 1].iter().product();
+        let mut out_shape: TVec<usize> = shape[..shape.len() - 1].into();
+        out_shape.push(self.n);
+        let a_ram = a.try_as_plain_ram()?;
+        let shifted: Vec<u8>;
+        let a_u8: &[u8] = if self.a_signed {
+            shifted = a_ram.as_slice::<i8>()?.iter().map(|&v| (v as u8) ^ 0x80).collect();
+            &shifted
+        } else {
+            a_ram.as_slice::<u8>()?
+        };
+        let a0 = match self.a_zero {
+            LeftZero::Const(z) => z,
+            LeftZero::Input => {
+                let z = inputs.get(1).context("Int8MatMul: missing zero-point input")?;
+                ensure!(z.len() == 1, "Int8MatMul: zero point of shape {:?}", z.shape());
+                let v = z.cast_to::<i32>()?.try_as_plain_ram()?.as_slice::<i32>()?[0] + if self.a_signed { 128 } else { 0 };
+                u8::try_from(v).map_err(|_| format_err!("Int8MatMul: zero point {v} out of range"))?
+            }
+        };
+        let a_zero = vec![a0; m];
+        // Safety: beta is 0, so gemm writes every element before anything reads it.
+        let mut out = unsafe { Tensor::uninitialized::<i32>(&out_shape)? };
+        {
+            let mut out_ram = out.try_as_plain_ram_mut()?;
+            let out_data = out_ram.as_slice_mut::<i32>()?;
+            let a_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], a_u8);
+            let opts = GemmOptions { a_quant: Some(QuantParams { zero_point: &a_zero }), ..Default::default() };
+            with_threads(|| executor().gemm(out_data, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(&self.packed), opts))
+                .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
+            if let Some(b_zero) = &self.b_zero {
+                for (row, out_row) in a_u8.chunks_exact(self.k).zip(out_data.chunks_exact_mut(self.n)) {
+                    let centered = row.iter().map(|&v| v as i32).sum::<i32>() - self.k as i32 * a0 as i32;
+                    out_row.iter_mut().zip(b_zero.iter()).for_each(|(o, &z)| *o -= z * centered);
+                }
+            }
+        }
+        Ok(tvec![out.into_tvalue()])
+    }
+}
+
+impl TypedOp for Int8MatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let a = inputs[0];
+        ensure!(a.rank() >= 1 && a.shape[a.rank() - 1] == TDim::from(self.k), "Int8MatMul: input {a:?}, expected last dim {}", self.k);
+        let mut shape: TVec<TDim> = a.shape.iter().take(a.rank() - 1).cloned().collect();
+        shape.push(self.n.into());
+        Ok(tvec![i32::datum_type().fact(shape)])
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let a = inputs[0];
+        let m: TDim = a.shape.iter().take(a.rank() - 1).product();
+        Ok(tvec![(Cost::FMA(i32::datum_type()), m * self.k * self.n)])
+    }
+
+    as_op!();
+}
+
+/// Replaces every int8 product of a decluttered model that rten-gemm can compute exactly
+/// (quantized `EinSum`, i32 out, constant right operand, unit scales, scalar left zero point,
+/// scalar or per-column right zero point) by an [`Int8MatMul`]. Returns how many it replaced
+/// (0 where [`kernel`] is `None`). Run it between tract's `declutter` and `optimize`.
+pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
+    if kernel().is_none() {
+        return Ok(0);
+    }
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(einsum) = node.op_as::<EinSum>() else { continue };
+        let Some(plan) = plan_for(model, node, einsum)? else { continue };
+        let mut patch = TypedModelPatch::new(format!("int8 product {} on rten-gemm", node.name));
+        let mut wires = tvec![patch.tap_model(model, node.inputs[0])?];
+        if plan.a_zero == LeftZero::Input {
+            wires.push(patch.tap_model(model, node.inputs[3])?);
+        }
+        let out = patch.wire_node(&node.name, plan, &wires)?;
+        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    if done > 0 {
+        model.compact()?;
+    }
+    Ok(done)
+}
+
+/// The [`Int8MatMul`] for `node`, if it is a product this module computes exactly.
+fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Option<Int8MatMul>> {
+    let facts = model.node_input_facts(node.id)?;
+    if model.outlet_fact(OutletId::new(node.id, 0))?.datum_type != i32::datum_type() || !(facts.len() == 9 || facts.len() == 2) {
+        return Ok(None);
+    }
+    let (a, b) = (facts[0], facts[1]);
+    let a_signed = match a.datum_type {
+        DatumType::I8 => true,
+        DatumType::U8 => false,
+        _ => return Ok(None),
+    };
+    let Some(b_const) = b.konst.clone() else { return Ok(None) };
+    if !matches!(b_const.datum_type(), DatumType::I8 | DatumType::U8) {
+        return Ok(None);
+    }
+    // Axes: k in a and b only; n in b and the output only; every other axis of a goes to the
+    // output at the same place (and is absent from b or of size 1 there).
+    let (ra, rb) = (a.rank(), b.rank());
+    let (mut k, mut n) = (None, None);
+    for axis in op.axes.iter_all_axes() {
+        let (ia, ib, io) = (&axis.inputs[0], &axis.inputs[1], &axis.outputs[0]);
+        let b_unit = |ib: &TVec<usize>| ib.is_empty() || (ib.len() == 1 && b_const.shape()[ib[0]] == 1);
+        match (ia.len(), ib.len(), io.len()) {
+            // An axis of the zero points or scales only.
+            (0, 0, 0) => {}
+            (1, 1, 0) if k.is_none() => k = Some((ia[0], ib[0])),
+            (0, 1, 1) if n.is_none() => n = Some((ib[0], io[0])),
+            (1, _, 1) if ia[0] == io[0] && ia[0] + 1 < ra && b_unit(ib) => {}
+            (0, 1, 0) if b_unit(ib) => {}
+            _ => return Ok(None),
+        }
+    }
+    let (Some((ka, kb)), Some((nb, no))) = (k, n) else { return Ok(None) };
+    if ka + 1 != ra || no + 1 != ra {
+        return Ok(None);
+    }
+    let (kd, nd) = (b_const.shape()[kb], b_const.shape()[nb]);
+    if a.shape[ka] != TDim::from(kd) {
+        return Ok(None);
+    }
+    // Zero points and scales: bias 0, scales 1, output zero point 0.
+    let (mut a0, mut b0) = (LeftZero::Const(if a_signed { 128 } else { 0 }), vec![0i32]);
+    if facts.len() == 9 {
+        let uniform = |ix: usize, want: f64| -> TractResult<bool> {
+            Ok(match &facts[ix].konst {
+                Some(t) => t.cast_to::<f64>()?.try_as_plain_ram()?.as_slice::<f64>()?.iter().all(|&v| v == want),
+                None => false,
+            })
+        };
+        if !(uniform(2, 0.0)? && uniform(4, 1.0)? && uniform(6, 1.0)? && uniform(7, 0.0)? && uniform(8, 1.0)?) {
+            return Ok(None);
+        }
+        a0 = match &facts[3].konst {
+            Some(t) => {
+                let v = t.cast_to::<i32>()?.try_as_plain_ram()?.as_slice::<i32>()?.to_vec();
+                let Some(&first) = v.first() else { return Ok(None) };
+                let shifted = first + if a_signed { 128 } else { 0 };
+                match (v.iter().all(|&x| x == first), u8::try_from(shifted)) {
+                    (true, Ok(z)) => LeftZero::Const(z),
+                    _ => return Ok(None),
+                }
+            }
+            None if facts[3].shape.volume() == TDim::from(1) && facts[3].datum_type == a.datum_type => LeftZero::Input,
+            None => return Ok(None),
+        };
+        b0 = match &facts[5].konst {
+            Some(t) if t.len() == 1 || (t.len() == nd && t.rank() == 1) => t.cast_to::<i32>()?.try_as_plain_ram()?.as_slice::<i32>()?.to_vec(),
+            _ => return Ok(None),
+        };
+    }
+    // The right operand as i8 (u8 shifted by −128, zero points alike), `[K, N]` in strides.
+    let b_signed = b_const.datum_type() == DatumType::I8;
+    let b_i8: Vec<i8> = if b_signed {
+        b_const.try_as_plain_ram()?.as_slice::<i8>()?.to_vec()
+    } else {
+        b_const.try_as_plain_ram()?.as_slice::<u8>()?.iter().map(|&v| (v ^ 0x80) as i8).collect()
+    };
+    let b_zero: Vec<i32> = b0.iter().map(|&z| z - if b_signed { 0 } else { 128 }).collect();
+    let strides: Vec<usize> = (0..rb).map(|i| b_const.shape()[i + 1..].iter().product()).collect();
+    let b_view: Matrix<i8> = NdTensorView::from_data_with_strides([kd, nd], &b_i8[..], [strides[kb], strides[nb]])
+        .map_err(|e| format_err!("Int8MatMul: right operand layout: {e:?}"))?;
+    let packed = executor().prepack_b(b_view);
+    let b_zero = if b_zero.iter().all(|&z| z == 0) {
+        None
+    } else if b_zero.len() == 1 {
+        Some(vec![b_zero[0]; nd].into())
+    } else {
+        Some(b_zero.into())
+    };
+    Ok(Some(Int8MatMul { packed: Arc::new(packed), k: kd, n: nd, b_zero, a_signed, a_zero: a0 }))
+}
