@@ -27,15 +27,16 @@ impl SpecialTokens {
     /// transformers' precedence (`GenerationConfig.from_model_config` + `generate`): the
     /// generation config first, then the top level of `config.json`, then its decoder section;
     /// the decoder start falls back to bos, pad to the first eos.
-    /// Errors: no decoder start (nor bos) or no eos anywhere.
-    pub fn resolve(model: &ModelConfig, gen: &RawGenerationConfig) -> std::result::Result<Self, String> {
+    /// Errors: [`Error::Invalid`] when there is no decoder start (nor bos) or no eos anywhere
+    /// (the caller blames the generation config file).
+    pub fn resolve(model: &ModelConfig, gen: &RawGenerationConfig) -> Result<Self> {
         let dec = &model.decoder;
         let bos = gen.bos_token_id.or(dec.bos_token_id);
         let decoder_start = gen
             .decoder_start_token_id
             .or(model.decoder_start_token_id)
             .or(bos)
-            .ok_or("no decoder_start_token_id (nor bos_token_id) in generation_config.json or config.json")?;
+            .ok_or_else(|| Error::Invalid("no decoder_start_token_id (nor bos_token_id) in generation_config.json or config.json".into()))?;
         let eos = gen
             .eos_token_id
             .as_ref()
@@ -43,7 +44,7 @@ impl SpecialTokens {
             .or(model.eos_token_id.map(|e| vec![e]))
             .or(dec.eos_token_id.map(|e| vec![e]))
             .filter(|e| !e.is_empty())
-            .ok_or("no eos_token_id in generation_config.json or config.json")?;
+            .ok_or_else(|| Error::Invalid("no eos_token_id in generation_config.json or config.json".into()))?;
         let pad = gen.pad_token_id.or(model.pad_token_id).or(dec.pad_token_id).unwrap_or(eos[0]);
         Ok(SpecialTokens { decoder_start, bos, eos, pad })
     }
@@ -233,9 +234,9 @@ mod tests {
     fn top_level_start_wins_over_bos_and_missing_ids_are_errors() {
         let s = SpecialTokens::resolve(&model(Some(8), Some(0), Some(2), Some(1)), &RawGenerationConfig::default()).unwrap();
         assert_eq!(s.decoder_start, 8);
-        let e = SpecialTokens::resolve(&model(None, None, Some(2), None), &RawGenerationConfig::default()).unwrap_err();
+        let e = SpecialTokens::resolve(&model(None, None, Some(2), None), &RawGenerationConfig::default()).unwrap_err().to_string();
         assert!(e.contains("decoder_start_token_id"), "{e}");
-        let e = SpecialTokens::resolve(&model(Some(0), None, None, None), &RawGenerationConfig::default()).unwrap_err();
+        let e = SpecialTokens::resolve(&model(Some(0), None, None, None), &RawGenerationConfig::default()).unwrap_err().to_string();
         assert!(e.contains("eos_token_id"), "{e}");
     }
 }

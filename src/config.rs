@@ -164,32 +164,35 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// The checks every model config passes (a VisionEncoderDecoder of ViT and GPT-2 with
+    /// cross-attention, head counts dividing widths). Errors: [`Error::Invalid`] naming the field;
+    /// callers add the file or setting.
+    pub fn validate(&self) -> Result<()> {
         if self.model_type != "vision-encoder-decoder" {
-            return Err(format!("model_type is `{}`, expected `vision-encoder-decoder`", self.model_type));
+            return Err(Error::Invalid(format!("model_type is `{}`, expected `vision-encoder-decoder`", self.model_type)));
         }
         if self.encoder.model_type != "vit" {
-            return Err(format!("encoder.model_type is `{}`: only a ViT encoder is supported", self.encoder.model_type));
+            return Err(Error::Invalid(format!("encoder.model_type is `{}`: only a ViT encoder is supported", self.encoder.model_type)));
         }
         if self.decoder.model_type != "gpt2" {
-            return Err(format!("decoder.model_type is `{}`: the decoder must be GPT-2", self.decoder.model_type));
+            return Err(Error::Invalid(format!("decoder.model_type is `{}`: the decoder must be GPT-2", self.decoder.model_type)));
         }
         if !self.decoder.add_cross_attention {
-            return Err("decoder.add_cross_attention is false: the GPT-2 decoder needs cross-attention to see the image".into());
+            return Err(Error::Invalid("decoder.add_cross_attention is false: the GPT-2 decoder needs cross-attention to see the image".into()));
         }
         let d = &self.decoder;
         if d.n_head == 0 || !d.n_embd.is_multiple_of(d.n_head) {
-            return Err(format!("decoder.n_embd ({}) is not a multiple of decoder.n_head ({})", d.n_embd, d.n_head));
+            return Err(Error::Invalid(format!("decoder.n_embd ({}) is not a multiple of decoder.n_head ({})", d.n_embd, d.n_head)));
         }
         let e = &self.encoder;
         if e.num_attention_heads == 0 || !e.hidden_size.is_multiple_of(e.num_attention_heads) {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "encoder.hidden_size ({}) is not a multiple of encoder.num_attention_heads ({})",
                 e.hidden_size, e.num_attention_heads
-            ));
+            )));
         }
         if e.patch_size == 0 || !e.image_size.is_multiple_of(e.patch_size) {
-            return Err(format!("encoder.image_size ({}) is not a multiple of encoder.patch_size ({})", e.image_size, e.patch_size));
+            return Err(Error::Invalid(format!("encoder.image_size ({}) is not a multiple of encoder.patch_size ({})", e.image_size, e.patch_size)));
         }
         Ok(())
     }

@@ -72,6 +72,12 @@ pub enum Error {
     /// `MJPEG frame`, `YUYV frame 640x480`).
     #[error("{what}: {msg}")]
     Frame { what: String, msg: String },
+
+    /// A value that is wrong in itself, found where no file or setting is known to blame (a word
+    /// that is none of a flag's values, a config section that fails its checks, an image's
+    /// bytes); callers that know the file or setting wrap the message in the variant naming it.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -108,8 +108,8 @@ impl GenerationConfig {
     /// The settings of a `generation_config.json` (`raw`; all `None` when the file is absent)
     /// with the model's special tokens (resolved once, see [`crate::assets::SpecialTokens`]) and
     /// transformers' defaults for the rest: max_length 20, greedy, length_penalty 1,
-    /// early_stopping false.
-    pub fn from_raw(raw: &RawGenerationConfig, special: &SpecialTokens) -> std::result::Result<Self, String> {
+    /// early_stopping false. Errors: as [`Self::validate`].
+    pub fn from_raw(raw: &RawGenerationConfig, special: &SpecialTokens) -> Result<Self> {
         if raw.do_sample == Some(true) {
             tracing::warn!("generation config asks for sampling; captions are decoded deterministically");
         }
@@ -152,18 +152,22 @@ impl GenerationConfig {
         }
     }
 
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// Settings decoding can run with. Errors: [`Error::Invalid`] naming the field (no beams, a
+    /// max_length below 2, no eos id, a non-finite length_penalty); callers add the file or
+    /// setting.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |msg: &str| Err(Error::Invalid(msg.into()));
         if self.num_beams == 0 {
-            return Err("num_beams must be at least 1".into());
+            return invalid("num_beams must be at least 1");
         }
         if self.max_length < 2 {
-            return Err("max_length must be at least 2 (the decoder start token plus one)".into());
+            return invalid("max_length must be at least 2 (the decoder start token plus one)");
         }
         if self.eos_token_ids.is_empty() {
-            return Err("eos_token_id is empty".into());
+            return invalid("eos_token_id is empty");
         }
         if !self.length_penalty.is_finite() {
-            return Err("length_penalty must be a finite number".into());
+            return invalid("length_penalty must be a finite number");
         }
         Ok(())
     }

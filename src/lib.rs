@@ -11,13 +11,14 @@
 macro_rules! word_enum {
     ($t:ty { $($v:ident = $w:literal),+ $(,)? }) => {
         impl std::str::FromStr for $t {
-            type Err = String;
-            fn from_str(s: &str) -> std::result::Result<Self, String> {
+            type Err = crate::error::Error;
+            /// Errors: [`crate::error::Error::Invalid`], "`word`: use a, b or c".
+            fn from_str(s: &str) -> crate::error::Result<Self> {
                 match s {
                     $($w => Ok(Self::$v),)+
                     other => {
                         let words: Vec<&str> = vec![$($w),+];
-                        Err(format!("`{other}`: use {}", crate::word_list(&words)))
+                        Err(crate::error::Error::Invalid(format!("`{other}`: use {}", crate::word_list(&words))))
                     }
                 }
             }

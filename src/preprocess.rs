@@ -66,29 +66,32 @@ impl PreprocessConfig {
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// The settings this crate reproduces (a ViTImageProcessor, bilinear, 3 channels, non-zero
+    /// std and size). Errors: [`Error::Invalid`] naming the field; callers add the file.
+    pub fn validate(&self) -> Result<()> {
         if let Some(t) = &self.image_processor_type {
             if !t.starts_with("ViTImageProcessor") {
-                return Err(format!("image_processor_type is `{t}`, only ViTImageProcessor is supported"));
+                return Err(Error::Invalid(format!("image_processor_type is `{t}`, only ViTImageProcessor is supported")));
             }
         }
         self.resample_filter()?;
         if self.image_mean.len() != 3 || self.image_std.len() != 3 {
-            return Err("image_mean and image_std need 3 values (R, G, B)".into());
+            return Err(Error::Invalid("image_mean and image_std need 3 values (R, G, B)".into()));
         }
         if self.image_std.contains(&0.0) {
-            return Err("image_std has a zero".into());
+            return Err(Error::Invalid("image_std has a zero".into()));
         }
         if self.size.height == 0 || self.size.width == 0 {
-            return Err("size.height and size.width must be positive".into());
+            return Err(Error::Invalid("size.height and size.width must be positive".into()));
         }
         Ok(())
     }
 
-    pub fn resample_filter(&self) -> std::result::Result<Resample, String> {
+    /// The resize filter. Errors: [`Error::Invalid`] for any PIL filter but BILINEAR (2).
+    pub fn resample_filter(&self) -> Result<Resample> {
         match self.resample {
             2 => Ok(Resample::Bilinear),
-            other => Err(format!("resample = {other} is not supported (only 2, PIL BILINEAR, as ViT uses)")),
+            other => Err(Error::Invalid(format!("resample = {other} is not supported (only 2, PIL BILINEAR, as ViT uses)"))),
         }
     }
 
@@ -142,22 +145,22 @@ impl Default for DecodeLimits {
 
 impl DecodeLimits {
     /// Errors (one line) when a `width` × `height` image of `bytes_per_pixel` is over a limit.
-    fn check(&self, width: u32, height: u32, bytes_per_pixel: u64) -> std::result::Result<(), String> {
+    fn check(&self, width: u32, height: u32, bytes_per_pixel: u64) -> Result<()> {
         let pixels = width as u64 * height as u64;
         if pixels > self.max_pixels {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "too large ({width}×{height} pixels, limit {} pixels): refused before decoding (raise the image pixel limit if this image is genuine)",
                 self.max_pixels
-            ));
+            )));
         }
         // The decoder's own buffer, then the 8-bit RGB copy.
         let bytes = pixels * bytes_per_pixel.max(3);
         if bytes > self.max_alloc_bytes {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "too large to decode ({width}×{height} pixels need {} MiB, limit {} MiB)",
                 bytes >> 20,
                 self.max_alloc_bytes >> 20
-            ));
+            )));
         }
         Ok(())
     }
@@ -183,20 +186,21 @@ pub fn load_image_limited(path: &Path, limits: &DecodeLimits) -> Result<RgbImage
 }
 
 /// [`decode_image_limited`] with the default [`DecodeLimits`].
-pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     decode_image_limited(bytes, &DecodeLimits::default())
 }
 
 /// Decodes an encoded image (JPEG, PNG, WebP, BMP, TIFF, GIF) from memory, as PIL does: a JPEG
 /// stops at its end-of-image marker (data after it, e.g. a motion photo's video, is ignored) and
 /// is "truncated" only when its data ends before that marker. The header is checked against
-/// `limits` before anything large is allocated.
-pub fn decode_image_limited(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<RgbImage, String> {
+/// `limits` before anything large is allocated. Errors: [`Error::Invalid`], one line saying why
+/// (not an image, truncated, corrupt, over `limits`); callers name the file or frame.
+pub fn decode_image_limited(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
+        .map_err(|e| Error::Invalid(format!("cannot read: {e}")))?;
     let is_jpeg = match reader.format() {
-        None => return Err("not a supported image (JPEG, PNG, WebP, BMP, TIFF or GIF)".into()),
+        None => return Err(Error::Invalid("not a supported image (JPEG, PNG, WebP, BMP, TIFF or GIF)".into())),
         Some(f) => f == image::ImageFormat::Jpeg,
     };
     // The JPEG decoder fills a cut-off scan with grey; PIL refuses such files ("image file is
@@ -209,24 +213,24 @@ pub fn decode_image_limited(bytes: &[u8], limits: &DecodeLimits) -> std::result:
                 }
                 &bytes[..end]
             }
-            None => return Err("truncated JPEG (its data ends before the end-of-image marker): the file is incomplete or still being written".into()),
+            None => return Err(Error::Invalid("truncated JPEG (its data ends before the end-of-image marker): the file is incomplete or still being written".into())),
         }
     } else {
         bytes
     };
     let mut decoder = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?
+        .map_err(|e| Error::Invalid(format!("cannot read: {e}")))?
         .into_decoder()
-        .map_err(|e| format!("cannot decode: {e}"))?;
+        .map_err(|e| Error::Invalid(format!("cannot decode: {e}")))?;
     let (w, h) = decoder.dimensions();
     limits.check(w, h, decoder.color_type().bytes_per_pixel() as u64)?;
-    decoder.set_limits(limits.for_image_crate()).map_err(|e| format!("cannot decode: {e}"))?;
+    decoder.set_limits(limits.for_image_crate()).map_err(|e| Error::Invalid(format!("cannot decode: {e}")))?;
     // A broken EXIF block must not lose the picture: PIL ignores it too.
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = match is_jpeg.then(|| decode_jpeg(bytes, limits)).flatten() {
         Some(jpeg) => DynamicImage::ImageRgb8(jpeg?),
-        None => DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode (corrupt or truncated?): {e}"))?,
+        None => DynamicImage::from_decoder(decoder).map_err(|e| Error::Invalid(format!("cannot decode (corrupt or truncated?): {e}")))?,
     };
     img.apply_orientation(orientation);
     Ok(to_rgb_like_pil(img))
@@ -235,10 +239,10 @@ pub fn decode_image_limited(bytes: &[u8], limits: &DecodeLimits) -> std::result:
 /// Decodes a JPEG with libjpeg-turbo's decoder (mozjpeg), as PIL does: same integer IDCT and
 /// "fancy" chroma upsampling, hence the same pixels (other JPEG decoders differ by a few
 /// levels). `None` for colour spaces libjpeg cannot turn into RGB (CMYK), left to `image`.
-fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Option<std::result::Result<RgbImage, String>> {
+fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Option<Result<RgbImage>> {
     use mozjpeg::ColorSpace;
     // libjpeg reports errors by unwinding (without the panic hook); catch them here.
-    let res = std::panic::catch_unwind(|| -> std::io::Result<std::result::Result<Option<RgbImage>, String>> {
+    let res = std::panic::catch_unwind(|| -> std::io::Result<Result<Option<RgbImage>>> {
         let d = mozjpeg::Decompress::new_mem(bytes)?;
         if matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK) {
             return Ok(Ok(None));
@@ -256,10 +260,10 @@ fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Option<std::result::Resul
         Ok(Ok(Ok(Some(img)))) => Some(Ok(img)),
         Ok(Ok(Ok(None))) => None,
         Ok(Ok(Err(e))) => Some(Err(e)),
-        Ok(Err(e)) => Some(Err(format!("cannot decode JPEG: {e}"))),
+        Ok(Err(e)) => Some(Err(Error::Invalid(format!("cannot decode JPEG: {e}")))),
         Err(panic) => {
             let msg = panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "corrupt data".into());
-            Some(Err(format!("cannot decode JPEG: {msg}")))
+            Some(Err(Error::Invalid(format!("cannot decode JPEG: {msg}"))))
         }
     }
 }

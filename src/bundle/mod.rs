@@ -68,11 +68,15 @@ pub enum DtypeChoice {
 }
 
 impl std::str::FromStr for DtypeChoice {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Error;
+    /// Errors: [`Error::Invalid`] listing `auto` and the dtypes.
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "auto" => Ok(DtypeChoice::Auto),
-            other => other.parse::<Dtype>().map(DtypeChoice::Exactly).map_err(|e| e.replace("`: use ", "`: use auto, ")),
+            other => other
+                .parse::<Dtype>()
+                .map(DtypeChoice::Exactly)
+                .map_err(|e| Error::Invalid(e.to_string().replace("`: use ", "`: use auto, "))),
         }
     }
 }

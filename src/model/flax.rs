@@ -72,17 +72,19 @@ pub fn read_leaves(path: &Path) -> Result<Vec<FlaxLeaf>> {
     Ok(leaves)
 }
 
-fn walk(v: &ValueRef<'_>, prefix: &str, out: &mut Vec<FlaxLeaf>) -> std::result::Result<(), String> {
+/// Collects the arrays under `v` (at tree path `prefix`) into `out`. Errors: [`Error::Invalid`]
+/// naming the tree path; [`read_leaves`] adds the file.
+fn walk(v: &ValueRef<'_>, prefix: &str, out: &mut Vec<FlaxLeaf>) -> Result<()> {
     let here = if prefix.is_empty() { "the top level" } else { prefix };
     match v {
         ValueRef::Map(entries) => {
             for (k, child) in entries {
                 let key = match k {
-                    ValueRef::String(s) => s.as_str().ok_or_else(|| format!("{here}: a key is not UTF-8"))?,
-                    other => return Err(format!("{here}: key {other} is not a string (a Flax parameter tree has string keys)")),
+                    ValueRef::String(s) => s.as_str().ok_or_else(|| Error::Invalid(format!("{here}: a key is not UTF-8")))?,
+                    other => return Err(Error::Invalid(format!("{here}: key {other} is not a string (a Flax parameter tree has string keys)"))),
                 };
                 if key == "__msgpack_chunked_array__" {
-                    return Err(format!("{here}: an array over 1 GiB that Flax split in chunks: not supported"));
+                    return Err(Error::Invalid(format!("{here}: an array over 1 GiB that Flax split in chunks: not supported")));
                 }
                 let path = if prefix.is_empty() { key.to_string() } else { format!("{prefix}/{key}") };
                 walk(child, &path, out)?;
@@ -93,16 +95,18 @@ fn walk(v: &ValueRef<'_>, prefix: &str, out: &mut Vec<FlaxLeaf>) -> std::result:
             out.push(decode_leaf(prefix, payload)?);
             Ok(())
         }
-        ValueRef::Ext(t, _) => Err(format!("{here}: msgpack extension type {t} (Flax: 2 = complex, 3 = numpy scalar); only arrays (type 1) are supported")),
-        other => Err(format!("{here}: {other} where a tensor (msgpack extension 1) or a map was expected")),
+        ValueRef::Ext(t, _) => Err(Error::Invalid(format!(
+            "{here}: msgpack extension type {t} (Flax: 2 = complex, 3 = numpy scalar); only arrays (type 1) are supported"
+        ))),
+        other => Err(Error::Invalid(format!("{here}: {other} where a tensor (msgpack extension 1) or a map was expected"))),
     }
 }
 
 /// One array: the payload of an extension of type 1, `[shape, dtype name, raw bytes]`.
-fn decode_leaf(path: &str, payload: &[u8]) -> std::result::Result<FlaxLeaf, String> {
+fn decode_leaf(path: &str, payload: &[u8]) -> Result<FlaxLeaf> {
     let mut rd = payload;
-    let v = rmpv::decode::read_value_ref(&mut rd).map_err(|e| format!("{path}: the array's header is not msgpack ({e})"))?;
-    let bad = || format!("{path}: an array is stored as [shape, dtype, bytes]; this one is not");
+    let v = rmpv::decode::read_value_ref(&mut rd).map_err(|e| Error::Invalid(format!("{path}: the array's header is not msgpack ({e})")))?;
+    let bad = || Error::Invalid(format!("{path}: an array is stored as [shape, dtype, bytes]; this one is not"));
     let ValueRef::Array(parts) = v else { return Err(bad()) };
     let [ValueRef::Array(dims), ValueRef::String(dtype), ValueRef::Binary(raw)] = parts.as_slice() else { return Err(bad()) };
     let shape = dims
@@ -117,15 +121,15 @@ fn decode_leaf(path: &str, payload: &[u8]) -> std::result::Result<FlaxLeaf, Stri
     let width = match dtype {
         "float32" => 4,
         "float16" | "bfloat16" => 2,
-        other => return Err(format!("{path}: dtype {other} is not supported (float32, float16 or bfloat16)")),
+        other => return Err(Error::Invalid(format!("{path}: dtype {other} is not supported (float32, float16 or bfloat16)"))),
     };
     let count: usize = shape.iter().product();
     if count.checked_mul(width) != Some(raw.len()) {
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "{path}: {} bytes for shape {shape:?} of {dtype} ({} expected): the file is damaged",
             raw.len(),
             count.saturating_mul(width)
-        ));
+        )));
     }
     let data = match dtype {
         "float32" => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
@@ -192,11 +196,12 @@ fn rename<'a>(parts: &[&'a str], to_transformers: bool) -> Vec<&'a str> {
 
 /// The PyTorch name of a Flax leaf `path` (e.g. `model/decoder/transformer/h/0/ln_3/scale` →
 /// `decoder.transformer.h.0.ln_cross_attn.weight`). Names the model does not have are returned
-/// as they come and reported as unexpected when the model is built.
-fn target(tree: FlaxTree, path: &str) -> std::result::Result<Target, String> {
+/// as they come and reported as unexpected when the model is built. Errors: [`Error::Invalid`]
+/// for an original-tree leaf outside `model/` (the caller adds the file).
+fn target(tree: FlaxTree, path: &str) -> Result<Target> {
     let rest = match tree {
         FlaxTree::Original => path.strip_prefix("model/").ok_or_else(|| {
-            format!("{path}: not under model/ (the original ViT-GPT2 keeps its encoder and decoder under model/); is this a transformers Flax checkpoint with an original config.json?")
+            Error::Invalid(format!("{path}: not under model/ (the original ViT-GPT2 keeps its encoder and decoder under model/); is this a transformers Flax checkpoint with an original config.json?"))
         })?,
         FlaxTree::Transformers => path,
     };
@@ -255,17 +260,18 @@ fn split_outside_braces(name: &str) -> Vec<&str> {
 }
 
 /// `leaf` converted to its PyTorch layout (`n_embd`: the decoder width, for the query third).
-fn convert(leaf: FlaxLeaf, how: How, n_embd: usize) -> std::result::Result<Tensor, String> {
+/// Errors: [`Error::Invalid`] naming the leaf (the caller adds the file).
+fn convert(leaf: FlaxLeaf, how: How, n_embd: usize) -> Result<Tensor> {
     let FlaxLeaf { path, shape, data } = leaf;
-    let err = |e: candle_core::Error| format!("{path}: {e}");
+    let err = |e: candle_core::Error| Error::Invalid(format!("{path}: {e}"));
     let t = Tensor::from_vec(data, shape.as_slice(), &Device::Cpu).map_err(err)?;
     let t = match how {
         How::QueryThird => {
             let expected: &[usize] = if path.ends_with("/kernel") { &[3 * n_embd, n_embd] } else { &[3 * n_embd] };
             if shape != expected {
-                return Err(format!(
+                return Err(Error::Invalid(format!(
                     "{path} has shape {shape:?}, expected {expected:?} (query, key and value rows of the decoder width n_embd = {n_embd})"
-                ));
+                )));
             }
             let q = t.narrow(0, 0, n_embd).map_err(err)?;
             if shape.len() == 2 { q.t().map_err(err)? } else { q }
@@ -273,7 +279,7 @@ fn convert(leaf: FlaxLeaf, how: How, n_embd: usize) -> std::result::Result<Tenso
         How::Kernel => match shape.len() {
             2 => t.t().map_err(err)?,
             4 => t.permute((3, 2, 0, 1)).map_err(err)?,
-            _ => return Err(format!("{path} has shape {shape:?}: a kernel is 2-D (4-D for the patch convolution)")),
+            _ => return Err(Error::Invalid(format!("{path} has shape {shape:?}: a kernel is 2-D (4-D for the patch convolution)"))),
         },
         How::Copy => t,
     };
@@ -346,7 +352,7 @@ mod tests {
             assert_eq!(back.trim_end_matches(" (first third)"), flax, "{torch}");
         }
         assert_eq!(target(o, "model/decoder/transformer/h/0/attn/c_attn_for_k_v/kernel").unwrap(), Target::Dropped("declared by the original's self-attention and never called"));
-        assert!(target(o, "decoder/transformer/wte/embedding").unwrap_err().contains("not under model/"));
+        assert!(target(o, "decoder/transformer/wte/embedding").unwrap_err().to_string().contains("not under model/"));
         // Grouped names from the loader's messages keep their index group.
         assert_eq!(stored_name(o, "decoder.transformer.h.{0..11}.ln_cross_attn.bias"), "model/decoder/transformer/h/{0..11}/ln_3/bias");
     }
@@ -383,7 +389,7 @@ mod tests {
         assert_eq!(q.to_vec2::<f32>().unwrap(), vec![vec![0., 2.], vec![1., 3.]]);
         let b = convert(leaf("x/encoder_attn/c_attn/bias", vec![6]), How::QueryThird, 2).unwrap();
         assert_eq!(b.to_vec1::<f32>().unwrap(), vec![0., 1.]);
-        let e = convert(leaf("x/encoder_attn/c_attn/kernel", vec![6, 3]), How::QueryThird, 2).unwrap_err();
+        let e = convert(leaf("x/encoder_attn/c_attn/kernel", vec![6, 3]), How::QueryThird, 2).unwrap_err().to_string();
         assert!(e.starts_with("x/encoder_attn/c_attn/kernel has shape [6, 3], expected [6, 2]"), "{e}");
     }
 }

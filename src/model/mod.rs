@@ -110,12 +110,14 @@ pub enum Activation {
 }
 
 impl Activation {
-    pub fn from_name(name: &str) -> std::result::Result<Self, String> {
+    /// The activation a config names. Errors: [`crate::error::Error::Invalid`] for a name this
+    /// model does not implement (callers add the config field).
+    pub fn from_name(name: &str) -> crate::error::Result<Self> {
         match name {
             "gelu" => Ok(Activation::GeluErf),
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
             "relu" => Ok(Activation::Relu),
-            other => Err(format!("activation `{other}` is not supported (use gelu, gelu_new or relu)")),
+            other => Err(crate::error::Error::Invalid(format!("activation `{other}` is not supported (use gelu, gelu_new or relu)"))),
         }
     }
 

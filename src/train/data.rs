@@ -88,7 +88,7 @@ impl CaptionSet {
                 sc.spawn(move || {
                     for p in part {
                         if let Err(e) = read_and_decode(p) {
-                            bad.lock().map(|mut b| b.push((p.clone(), e))).ok();
+                            bad.lock().map(|mut b| b.push((p.clone(), e.to_string()))).ok();
                         }
                     }
                 });
@@ -106,8 +106,9 @@ impl CaptionSet {
     }
 }
 
-fn read_and_decode(path: &Path) -> std::result::Result<image::RgbImage, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+/// Errors: [`Error::Invalid`] without the path, which the callers' reports put first.
+fn read_and_decode(path: &Path) -> Result<image::RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Invalid(format!("cannot read: {e}")))?;
     decode_image(&bytes)
 }
 
@@ -270,7 +271,7 @@ pub struct Batch {
     pub failed: Vec<String>,
 }
 
-type Decoded = (usize, std::result::Result<Vec<f32>, String>);
+type Decoded = (usize, Result<Vec<f32>>);
 
 /// Decodes `indices` on up to `workers` threads, in order.
 pub fn decode_batch(samples: &[Sample], indices: &[usize], pre: &PreprocessConfig, workers: usize) -> Batch {
@@ -293,7 +294,7 @@ pub fn decode_batch(samples: &[Sample], indices: &[usize], pre: &PreprocessConfi
         // A worker that died takes its images with it: they are reported as failed, not lost.
         handles
             .into_iter()
-            .map(|(part, h)| h.join().unwrap_or_else(|_| part.iter().map(|&i| (i, Err("the decoding thread panicked".to_string()))).collect()))
+            .map(|(part, h)| h.join().unwrap_or_else(|_| part.iter().map(|&i| (i, Err(Error::Invalid("the decoding thread panicked".into())))).collect()))
             .collect()
     });
     let mut batch = Batch { pixels: Vec::new(), rows: Vec::new(), failed: Vec::new() };

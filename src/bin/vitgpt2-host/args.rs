@@ -8,6 +8,7 @@ use vitgpt2::export::{ExportCommand, ExportPreset, Layout, ModelSource};
 use vitgpt2::model::commands::{ConvertOptions, HostCaptionOptions, InitOptions};
 use vitgpt2::train::commands::{EvaluateOptions, SynthOptions, TokenizerOptions};
 use vitgpt2::train::options::{ComputeDtype, Decay, PositionInit, Preset, TrainOptions};
+use vitgpt2::error::{Error, Result};
 use vitgpt2::GenerationOverrides;
 
 use crate::generation::GenerationArgs;
@@ -273,22 +274,25 @@ struct TrainCli {
 }
 
 impl TrainAndExportArgs {
-    /// `--train-args` parsed as `vitgpt2-host train`'s flags. Errors: clap's message, one line.
-    pub fn train_args(&self) -> Option<Result<TrainArgs, String>> {
+    /// `--train-args` parsed as `vitgpt2-host train`'s flags. Errors: [`Error::Setting`] with
+    /// clap's message, one line.
+    pub fn train_args(&self) -> Option<Result<TrainArgs>> {
         self.train_args.as_deref().map(|s| {
             let argv = std::iter::once("train").chain(s.split_whitespace());
-            TrainCli::try_parse_from(argv).map(|c| c.args).map_err(|e| format!("invalid setting `--train-args`: {}", vitgpt2::error::one_line(&e.to_string())))
+            TrainCli::try_parse_from(argv).map(|c| c.args).map_err(|e| Error::setting("--train-args", e))
         })
     }
 
-    pub fn options(&self) -> Result<TrainAndExportOptions, String> {
+    /// The pipeline's options. Errors: `--train-args` that do not parse, or neither it nor
+    /// `--from-checkpoint` given.
+    pub fn options(&self) -> Result<TrainAndExportOptions> {
         let source = match (&self.from_checkpoint, self.train_args()) {
             (Some(dir), _) => PipelineSource::Checkpoint { dir: dir.clone(), note: self.training_note.clone() },
             (None, Some(parsed)) => PipelineSource::Train {
                 options: Box::new((&parsed?).into()),
                 command_line: self.train_args.clone().unwrap_or_default(),
             },
-            (None, None) => return Err("train-and-export: pass --from-checkpoint DIR or --train-args \"…\"".into()),
+            (None, None) => return Err(Error::Invalid("train-and-export: pass --from-checkpoint DIR or --train-args \"…\"".into())),
         };
         Ok(TrainAndExportOptions {
             source,

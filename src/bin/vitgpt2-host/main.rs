@@ -32,7 +32,7 @@ fn main() {
         Command::Train(a) => train::train(&a.as_ref().into()).map_err(|e| e.to_string()),
         Command::Evaluate(a) => train::evaluate(&a.into()).map_err(|e| e.to_string()),
         Command::Export(a) => export::export_command(&a.into()).map_err(|e| e.to_string()),
-        Command::TrainAndExport(a) => a.options().and_then(|o| export::pipeline::train_and_export(&o).map_err(|e| e.to_string())),
+        Command::TrainAndExport(a) => a.options().and_then(|o| export::pipeline::train_and_export(&o)).map_err(|e| e.to_string()),
     };
     match code {
         Ok(code) => std::process::exit(code),
