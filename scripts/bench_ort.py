@@ -9,7 +9,13 @@ Measures, per thread count: session load, encoder ms, one decoder step at past l
 1/8/16/31, a greedy 16-token caption (encoder + 16 steps, forced length) and a beam-4
 16-token caption, and onnxruntime's peak RSS (ru_maxrss of this process). Then runs
 `vitgpt2-node bench --json` on the bundle and prints both with ratios (tract / ort: < 1 means
-tract is faster).
+tract is faster). `--rounds N` repeats both N times, alternating (the medians of the rounds
+are reported), so that a busy machine slows both alike.
+
+`--cold N` also times process start → first caption, N times alternating: `vitgpt2-node
+caption` on a 640×480 PNG, and a fresh Python process that imports onnxruntime, opens the
+sessions, decodes and resizes the same PNG and runs a greedy caption (this script's
+`--first-caption` mode): each a whole process, wall-clock, as a watchdog restart would see it.
 """
 import argparse
 import json
@@ -59,6 +65,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--node", default="target/release/vitgpt2-node")
     ap.add_argument("--skip-tract", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--cold", type=int, default=0, metavar="N")
+    ap.add_argument("--first-caption", metavar="IMAGE", help=argparse.SUPPRESS)
     ap.add_argument("--ort-quantize", metavar="DIR",
                     help="run onnxruntime on its own int8 form instead: quantize_dynamic (per channel, QInt8) of the "
                          "fp32 fast graphs, written to DIR once (the baseline of issue #5)")
@@ -82,6 +91,94 @@ def main():
                 quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
         ort_dir, ort_suffix = a.ort_quantize, "_ortq"
 
+    if a.first_caption:
+        return first_caption(a, ort_dir, ort_suffix, n_layer, heads, hd, side)
+
+    rounds = []
+    for r in range(a.rounds):
+        rounds.append(one_round(a, threads, ort_dir, ort_suffix, n_layer, heads, hd, pv))
+    ort_results = merge([x[0] for x in rounds])
+    tract = merge_tract([x[1] for x in rounds])
+    cold = cold_start(a, ort_dir) if a.cold else None
+    report(a, ort_results, tract, cold)
+
+
+def median_of(vals):
+    return float(np.median(vals))
+
+
+def merge(per_round):
+    """Per thread count, the median of each measurement over the rounds."""
+    out = []
+    for i, first in enumerate(per_round[0]):
+        rs = [r[i] for r in per_round]
+        m = {k: median_of([r[k] for r in rs]) for k in first if k not in ("threads", "token_ms")}
+        m["threads"] = first["threads"]
+        m["token_ms"] = [[p, median_of([r["token_ms"][j][1] for r in rs])] for j, (p, _) in enumerate(first["token_ms"])]
+        out.append(m)
+    return out
+
+
+def merge_tract(per_round):
+    if per_round[0] is None:
+        return None
+    t = dict(per_round[0])
+    t["load_ms"] = median_of([r["load_ms"] for r in per_round])
+    t["results"] = merge([r["results"] for r in per_round])
+    return t
+
+
+def first_caption(a, ort_dir, ort_suffix, n_layer, heads, hd, side):
+    """One caption from a cold process: sessions, image decode and resize, greedy decode."""
+    from PIL import Image
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    enc = ort.InferenceSession(os.path.join(ort_dir, f"encoder_fast{ort_suffix}.onnx"), so, providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(os.path.join(ort_dir, f"decoder_step{ort_suffix}.onnx"), so, providers=["CPUExecutionProvider"])
+    img = Image.open(a.first_caption).convert("RGB").resize((side, side), Image.BILINEAR)
+    pv = ((np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+    enc_names = [o.name for o in enc.get_outputs()]
+    cross = dict(zip(enc_names, enc.run(None, {"pixel_values": pv})))
+    dec_names = [o.name for o in dec.get_outputs()]
+    past = {f"past.{i}.{kv}": np.zeros((1, heads, 0, hd), np.float32) for i in range(n_layer) for kv in ("key", "value")}
+    tok, out = 0, []
+    for p in range(a.tokens):
+        feed = {"input_ids": np.array([[tok]], np.int64), "position_ids": np.array([[p]], np.int64)}
+        feed.update(past)
+        feed.update({k: v for k, v in cross.items() if k.startswith("cross.")})
+        res = dict(zip(dec_names, dec.run(None, feed)))
+        tok = int(np.argmax(res["logits"][0]))
+        out.append(tok)
+        past = {f"past.{k[8:]}": v for k, v in res.items() if k.startswith("present.")}
+    print(out)
+
+
+def cold_start(a, ort_dir):
+    """Process start → first caption, node and onnxruntime alternating; medians in ms."""
+    import sys
+    import tempfile
+    from PIL import Image
+    tmp = tempfile.mkdtemp()
+    img = os.path.join(tmp, "frame.png")
+    rng = np.random.RandomState(1)
+    Image.fromarray(rng.randint(0, 255, (480, 640, 3), dtype=np.uint8)).save(img)
+    me = os.path.abspath(__file__)
+    ort_cmd = [sys.executable, me, a.bundle, "--first-caption", img, "--tokens", str(a.tokens)]
+    if a.int8:
+        ort_cmd.append("--int8")
+    if a.ort_quantize:
+        ort_cmd += ["--ort-quantize", a.ort_quantize]
+    node_cmd = [a.node, "caption", "--model", a.bundle, "--dtype", "int8" if a.int8 else "fp32", "--threads", "1", img]
+    node, ortt = [], []
+    for _ in range(a.cold):
+        for cmd, acc in ((node_cmd, node), (ort_cmd, ortt)):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            acc.append(ms(t0))
+    return {"node_ms": median_of(node), "ort_ms": median_of(ortt), "runs": a.cold}
+
+
+def one_round(a, threads, ort_dir, ort_suffix, n_layer, heads, hd, pv):
     ort_results = []
     for t in threads:
         so = ort.SessionOptions()
@@ -166,7 +263,10 @@ def main():
         out = subprocess.run([a.node, "bench", "--model", a.bundle, "--threads", a.threads, "--reps", str(a.reps),
                               "--precision", "int8" if a.int8 else "fp32", "--json"], check=True, capture_output=True, text=True)
         tract = json.loads(out.stdout.strip().splitlines()[-1])
+    return ort_results, tract
 
+
+def report(a, ort_results, tract, cold):
     print(f"bundle {a.bundle} ({'int8' if a.int8 else 'fp32'}), {a.tokens} tokens")
     for o in ort_results:
         tr = next((r for r in tract["results"] if r["threads"] == o["threads"]), None) if tract else None
@@ -181,7 +281,10 @@ def main():
         for name, tv, ov in rows:
             ratio = f"{tv / ov:10.2f}" if tv else f"{'-':>10}"
             print(f"  {name:<20} {tv if tv is not None else float('nan'):10.1f} {ov:10.1f} {ratio}")
-    print(json.dumps({"ort": ort_results, "tract": tract}))
+    if cold:
+        print(f"process start -> first caption ({cold['runs']} runs each, median): node {cold['node_ms']:.0f} ms, "
+              f"onnxruntime {cold['ort_ms']:.0f} ms, ratio {cold['node_ms'] / cold['ort_ms']:.2f}")
+    print(json.dumps({"ort": ort_results, "tract": tract, "cold": cold}))
 
 
 if __name__ == "__main__":

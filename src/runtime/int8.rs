@@ -42,41 +42,43 @@ pub fn kernel() -> Option<&'static str> {
 
 static THREADS: AtomicUsize = AtomicUsize::new(1);
 
+/// Products with fewer rows run single-threaded (see `with_threads`).
+const PARALLEL_MIN_ROWS: usize = 16;
+
 /// Threads for the int8 products (the node's `--threads`). One thread runs each product on the
 /// caller's thread: rayon's global pool is made single-threaded at the first call, when nothing
 /// has started it yet (in the node, nothing does); more threads run in a pool of that size.
 pub fn set_threads(threads: usize) {
-    let threads = threads.max(1);
-    THREADS.store(threads, Ordering::Relaxed);
-    if threads == 1 {
-        // Fails when the pool already exists (e.g. candle started it in vitgpt2-host): products
-        // then run in a one-thread pool of their own, a little slower, same results.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(1).build_global();
-    }
+    THREADS.store(threads.max(1), Ordering::Relaxed);
+    // Fails when the pool already exists (e.g. candle started it in vitgpt2-host): products
+    // then run in a one-thread pool of their own, a little slower, same results.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(1).build_global();
 }
 
-/// Runs `f` where rayon (so rten-gemm) sees exactly the configured number of threads.
-fn with_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    let n = THREADS.load(Ordering::Relaxed);
+/// The rayon pool of `n` threads the products run in, made once per size and shared with
+/// tract's executor (see `runtime::set_threads`): two pools on a small CPU would spin against
+/// each other.
+pub fn thread_pool(n: usize) -> Option<Arc<rayon::ThreadPool>> {
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(k, _)| *k == n) {
+        return Some(p.clone());
+    }
+    let pool = Arc::new(rayon::ThreadPoolBuilder::new().thread_name(|i| format!("vitgpt2-mm-{i}")).num_threads(n).build().ok()?);
+    pools.push((n, pool.clone()));
+    Some(pool)
+}
+
+/// Runs `f` where rayon (so rten-gemm) sees exactly the configured number of threads; products
+/// of fewer than [`PARALLEL_MIN_ROWS`] rows (decoder steps) stay on one thread, where handing
+/// each of a token's ~100 small products to the pool cost more than it saved (measured: 2
+/// threads made a token 10 % slower).
+fn with_threads<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
+    let n = if rows < PARALLEL_MIN_ROWS { 1 } else { THREADS.load(Ordering::Relaxed) };
     if rayon::current_num_threads() == n {
         return f();
     }
-    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
-    let pool = {
-        let mut pools = POOLS.lock().unwrap_or_else(|p| p.into_inner());
-        match pools.iter().find(|(k, _)| *k == n) {
-            Some((_, p)) => Some(p.clone()),
-            None => match rayon::ThreadPoolBuilder::new().num_threads(n).build() {
-                Ok(p) => {
-                    let p = Arc::new(p);
-                    pools.push((n, p.clone()));
-                    Some(p)
-                }
-                Err(_) => None,
-            },
-        }
-    };
-    match pool {
+    match thread_pool(n) {
         Some(p) => p.install(f),
         None => f(),
     }
@@ -170,7 +172,7 @@ impl EvalOp for Int8MatMul {
             let out_data = out_ram.as_slice_mut::<i32>()?;
             let a_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], a_u8);
             let opts = GemmOptions { a_quant: Some(QuantParams { zero_point: &a_zero }), ..Default::default() };
-            with_threads(|| executor().gemm(out_data, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(&self.packed), opts))
+            with_threads(m, || executor().gemm(out_data, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(&self.packed), opts))
                 .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
             if let Some(b_zero) = &self.b_zero {
                 for (row, out_row) in a_u8.chunks_exact(self.k).zip(out_data.chunks_exact_mut(self.n)) {

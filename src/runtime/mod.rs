@@ -42,7 +42,7 @@ pub fn set_threads(threads: usize) {
     use tract_linalg::multithread::{set_default_executor, Executor};
     int8::set_threads(threads);
     if threads > 1 {
-        set_default_executor(Executor::multithread(threads));
+        set_default_executor(int8::thread_pool(threads).map_or_else(|| Executor::multithread(threads), Executor::MultiThread));
     } else {
         set_default_executor(Executor::SingleThread);
     }
