@@ -97,8 +97,9 @@ def main():
     rounds = []
     for r in range(a.rounds):
         rounds.append(one_round(a, threads, ort_dir, ort_suffix, n_layer, heads, hd, pv))
-    ort_results = merge([x[0] for x in rounds])
-    tract = merge_tract([x[1] for x in rounds])
+    # --rounds 0 --cold N: only the cold-start comparison.
+    ort_results = merge([x[0] for x in rounds]) if rounds else []
+    tract = merge_tract([x[1] for x in rounds]) if rounds else None
     cold = cold_start(a, ort_dir) if a.cold else None
     report(a, ort_results, tract, cold)
 
@@ -168,7 +169,10 @@ def cold_start(a, ort_dir):
         ort_cmd.append("--int8")
     if a.ort_quantize:
         ort_cmd += ["--ort-quantize", a.ort_quantize]
-    node_cmd = [a.node, "caption", "--model", a.bundle, "--dtype", "int8" if a.int8 else "fp32", "--threads", "1", img]
+    # The same work as the Python side: greedy, exactly `tokens` tokens.
+    n = str(a.tokens + 1)
+    node_cmd = [a.node, "caption", "--model", a.bundle, "--dtype", "int8" if a.int8 else "fp32", "--threads", "1",
+                "--num-beams", "1", "--max-length", n, "--min-length", n, img]
     node, ortt = [], []
     for _ in range(a.cold):
         for cmd, acc in ((node_cmd, node), (ort_cmd, ortt)):
