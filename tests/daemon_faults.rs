@@ -26,9 +26,7 @@ fn count(log: &str, needle: &str) -> usize {
 #[test]
 fn a_retained_blob_on_the_command_topic_neither_storms_nor_wedges_the_link() {
     let bin = need_mosquitto!();
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     let port = free_port();
     let _broker = Broker::start(&bin, tmp.path(), port, "");
     let sub = Sub::start(port, &["t/cam1/#"]);
@@ -66,9 +64,7 @@ fn a_retained_blob_on_the_command_topic_neither_storms_nor_wedges_the_link() {
 #[test]
 fn a_caption_over_the_brokers_packet_limit_is_dead_lettered_and_the_rest_flow() {
     let bin = need_mosquitto!();
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     let (big, normal) = normal_and_big_images(tmp.path(), &watch);
 
     // mosquitto drops the connection of a client that sends a packet over max_packet_size.
@@ -125,9 +121,7 @@ impl Disk<'_> {
 #[test]
 fn when_the_disk_refuses_spool_writes_no_caption_is_lost_uncounted() {
     let bin = need_mosquitto!();
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     let port = free_port();
     let mut broker = Broker::start(&bin, tmp.path(), port, "");
     let sub = Sub::start(port, &["t/cam1/#"]);
@@ -211,9 +205,7 @@ fn a_panic_on_one_frame_or_caption_is_counted_and_a_dying_thread_exits_non_zero_
 #[test]
 fn replay_false_starts_clean_and_failures_to_connect_are_named() {
     let bin = need_mosquitto!();
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     std::fs::create_dir_all(&spool).unwrap();
     std::fs::write(spool.join("00000000000000000007.msg"), br#"{"id":"old","source":"earlier-run"}"#).unwrap();
     let port = free_port();

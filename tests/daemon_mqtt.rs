@@ -17,9 +17,7 @@ use serde_json::Value;
 #[test]
 fn message_format_topics_discovery_commands_and_last_will() {
     let bin = need_mosquitto!();
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     let port = free_port();
     let _broker = Broker::start(&bin, tmp.path(), port, "");
     let sub = Sub::start(port, &["t/#", "homeassistant/#"]);
@@ -91,9 +89,7 @@ fn message_format_topics_discovery_commands_and_last_will() {
 #[test]
 fn broker_down_at_start_then_up() {
     let bin = need_mosquitto!();
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     let port = free_port();
     drop_images(&watch, "a", 4);
     let node = Node::start(tmp.path(), "node", &config(&watch, &spool, port, "", ""));
@@ -113,9 +109,7 @@ fn broker_down_at_start_then_up() {
 #[test]
 fn broker_killed_and_restarted_mid_stream_loses_nothing() {
     let bin = need_mosquitto!();
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     let port = free_port();
     let mut broker = Broker::start(&bin, tmp.path(), port, "");
     let sub1 = Sub::start(port, &["t/cam1/caption"]);
@@ -153,9 +147,7 @@ fn broker_killed_and_restarted_mid_stream_loses_nothing() {
 #[test]
 fn daemon_killed_with_full_spool_and_restarted_loses_nothing_and_sigterm_is_clean() {
     let bin = need_mosquitto!();
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     let port = free_port();
     drop_images(&watch, "a", 5);
     let mut node = Node::start(tmp.path(), "node", &config(&watch, &spool, port, "", ""));
@@ -190,9 +182,7 @@ fn wrong_password_is_reported_clearly_and_never_logged() {
         eprintln!("SKIPPED: mosquitto_passwd not installed");
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     let pwfile = tmp.path().join("passwd");
     assert!(Command::new(pw).arg("-b").arg("-c").arg(&pwfile).args(["node", "right-secret"]).status().unwrap().success());
     let port = free_port();
@@ -249,9 +239,7 @@ fn tls_with_right_ca_connects_and_wrong_ca_is_reported() {
 #[test]
 fn payload_over_the_broker_limit_does_not_wedge_the_connection() {
     let bin = need_mosquitto!();
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     // Measure a normal message, then limit the broker just above it.
     let (_, normal) = normal_and_big_images(tmp.path(), &watch);
     let port = free_port();
@@ -314,9 +302,7 @@ fn soak_memory_stays_flat() {
 #[cfg(feature = "broker")]
 #[test]
 fn in_process_broker_serves_captions() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
-    std::fs::create_dir_all(&watch).unwrap();
+    let (tmp, watch, spool) = folders();
     let port = free_port();
     let cfg = config(&watch, &spool, port, "", "") + &format!("\n[broker]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n");
     let node = Node::start(tmp.path(), "node", &cfg);

@@ -37,6 +37,14 @@ macro_rules! need_mosquitto {
     };
 }
 
+/// A scratch folder with the watched folder `in/` (created) and the spool path `spool`.
+pub fn folders() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().expect("a temporary folder");
+    let (watch, spool) = (tmp.path().join("in"), tmp.path().join("spool"));
+    std::fs::create_dir_all(&watch).expect("the watched folder");
+    (tmp, watch, spool)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
