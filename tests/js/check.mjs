@@ -9,7 +9,7 @@
 // its greedy tokens to equal onnxruntime's greedy loop over the same graphs
 // (reference.json: onnxruntime.<dtype>.greedy.<image>.tokens).
 //
-// EXTRA_CASE_DIR: a case laid out like /work/shared/interop/optimum-merged-fp32 (bundle/,
+// EXTRA_CASE_DIR: a case laid out like ../shared/interop/optimum-merged-fp32 (bundle/,
 // images/, expected.json with ort_greedy_tokens); its images are resized with PIL-equivalent
 // pre-resized copies only if it has images/resized32/, else used as they are.
 //
