@@ -56,6 +56,12 @@ def fold_constant_transposes(src, dst):
     return dst
 
 
+def quantize(bundle, out_dir, g, dst):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    src = fold_constant_transposes(os.path.join(bundle, f"{g}.onnx"), os.path.join(out_dir, f"{g}_folded.onnx"))
+    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
@@ -82,18 +88,25 @@ def main():
 
     ort_dir, ort_suffix = a.bundle, suffix
     if a.ort_quantize:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
         os.makedirs(a.ort_quantize, exist_ok=True)
         for g in ("encoder_fast", "decoder_step"):
             dst = os.path.join(a.ort_quantize, f"{g}_ortq.onnx")
             if not os.path.exists(dst):
-                src = fold_constant_transposes(os.path.join(a.bundle, f"{g}.onnx"), os.path.join(a.ort_quantize, f"{g}_folded.onnx"))
-                quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+                # In a child process, so that neither the quantizer's imports nor its memory
+                # count in what this process measures.
+                import multiprocessing
+                p = multiprocessing.Process(target=quantize, args=(a.bundle, a.ort_quantize, g, dst))
+                p.start()
+                p.join()
+                if p.exitcode != 0:
+                    raise SystemExit(f"quantizing {g} failed")
         ort_dir, ort_suffix = a.ort_quantize, "_ortq"
 
     if a.first_caption:
         return first_caption(a, ort_dir, ort_suffix, n_layer, heads, hd, side)
 
+    if a.rounds == 0 and not a.cold:
+        raise SystemExit("--rounds 0 measures nothing without --cold N")
     rounds = []
     for r in range(a.rounds):
         rounds.append(one_round(a, threads, ort_dir, ort_suffix, n_layer, heads, hd, pv))
@@ -265,7 +278,7 @@ def one_round(a, threads, ort_dir, ort_suffix, n_layer, heads, hd, pv):
     tract = None
     if not a.skip_tract:
         out = subprocess.run([a.node, "bench", "--model", a.bundle, "--threads", a.threads, "--reps", str(a.reps),
-                              "--precision", "int8" if a.int8 else "fp32", "--json"], check=True, capture_output=True, text=True)
+                              "--precision", "int8" if a.int8 else "fp32", "--tokens", str(a.tokens), "--json"], check=True, capture_output=True, text=True)
         tract = json.loads(out.stdout.strip().splitlines()[-1])
     return ort_results, tract
 

@@ -20,7 +20,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, PackedBMatrix, QuantParams};
+use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions, PackedBMatrix, QuantParams};
 use rten_tensor::{Matrix, NdTensorView};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -47,7 +47,9 @@ const PARALLEL_MIN_ROWS: usize = 16;
 
 /// Threads for the int8 products (the node's `--threads`). One thread runs each product on the
 /// caller's thread: rayon's global pool is made single-threaded at the first call, when nothing
-/// has started it yet (in the node, nothing does); more threads run in a pool of that size.
+/// has started it yet (in the node, nothing does) — so a program embedding this library and
+/// using rayon's global pool for its own work should start that pool first; more threads run in
+/// a pool of that size, shared with tract.
 pub fn set_threads(threads: usize) {
     THREADS.store(threads.max(1), Ordering::Relaxed);
     // Fails when the pool already exists (e.g. candle started it in vitgpt2-host): products
@@ -165,20 +167,21 @@ impl EvalOp for Int8MatMul {
             }
         };
         let a_zero = vec![a0; m];
-        // Safety: beta is 0, so gemm writes every element before anything reads it.
+        // Safety: the buffer is handed to gemm_uninit as MaybeUninit, which writes every element
+        // (and returns them as initialized) before anything reads it.
         let mut out = unsafe { Tensor::uninitialized::<i32>(&out_shape)? };
-        {
-            let mut out_ram = out.try_as_plain_ram_mut()?;
-            let out_data = out_ram.as_slice_mut::<i32>()?;
-            let a_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], a_u8);
-            let opts = GemmOptions { a_quant: Some(QuantParams { zero_point: &a_zero }), ..Default::default() };
-            with_threads(m, || executor().gemm(out_data, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(&self.packed), opts))
-                .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
-            if let Some(b_zero) = &self.b_zero {
-                for (row, out_row) in a_u8.chunks_exact(self.k).zip(out_data.chunks_exact_mut(self.n)) {
-                    let centered = row.iter().map(|&v| v as i32).sum::<i32>() - self.k as i32 * a0 as i32;
-                    out_row.iter_mut().zip(b_zero.iter()).for_each(|(o, &z)| *o -= z * centered);
-                }
+        let len = out.len();
+        let ptr = out.as_ptr_mut::<i32>()?.cast::<std::mem::MaybeUninit<i32>>();
+        let out_uninit = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        let a_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], a_u8);
+        let opts = GemmUninitOptions { a_quant: Some(QuantParams { zero_point: &a_zero }), ..Default::default() };
+        let out_data = with_threads(m, || executor().gemm_uninit(out_uninit, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(&self.packed), opts))
+            .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
+        if let Some(b_zero) = &self.b_zero {
+            // Wrapping, like the i32 accumulation of the product itself.
+            for (row, out_row) in a_u8.chunks_exact(self.k).zip(out_data.chunks_exact_mut(self.n)) {
+                let centered = row.iter().fold(0i32, |s, &v| s.wrapping_add(v as i32)).wrapping_sub((self.k as i32).wrapping_mul(a0 as i32));
+                out_row.iter_mut().zip(b_zero.iter()).for_each(|(o, &z)| *o = o.wrapping_sub(z.wrapping_mul(centered)));
             }
         }
         Ok(tvec![out.into_tvalue()])
@@ -232,6 +235,13 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     Ok(done)
 }
 
+/// Whether input `slot`'s only axis is the product's n axis (in b and the output, not in a).
+fn on_n_axis(op: &EinSum, slot: usize) -> bool {
+    op.axes.iter_all_axes().any(|axis| {
+        axis.inputs.get(slot).is_some_and(|p| p.len() == 1) && axis.inputs[0].is_empty() && axis.inputs[1].len() == 1 && axis.outputs[0].len() == 1
+    })
+}
+
 /// The [`Int8MatMul`] for `node`, if it is a product this module computes exactly.
 fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Option<Int8MatMul>> {
     let facts = model.node_input_facts(node.id)?;
@@ -270,7 +280,7 @@ fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Op
         return Ok(None);
     }
     let (kd, nd) = (b_const.shape()[kb], b_const.shape()[nb]);
-    if a.shape[ka] != TDim::from(kd) {
+    if kd == 0 || nd == 0 || a.shape[ka] != TDim::from(kd) {
         return Ok(None);
     }
     // Zero points and scales: bias 0, scales 1, output zero point 0.
@@ -299,7 +309,9 @@ fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Op
             None => return Ok(None),
         };
         b0 = match &facts[5].konst {
-            Some(t) if t.len() == 1 || (t.len() == nd && t.rank() == 1) => t.cast_to::<i32>()?.try_as_plain_ram()?.as_slice::<i32>()?.to_vec(),
+            Some(t) if t.len() == 1 || (t.len() == nd && t.rank() == 1 && on_n_axis(op, 5)) => {
+                t.cast_to::<i32>()?.try_as_plain_ram()?.as_slice::<i32>()?.to_vec()
+            }
             _ => return Ok(None),
         };
     }
