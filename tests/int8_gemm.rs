@@ -141,4 +141,16 @@ fn int8_products_equal_tracts_matmul_integer() {
         }
     }
     assert_eq!(checked, shapes.len() * 12);
+
+    // Two threads: the pool shared with tract and rten-gemm's parallel blocks (rows ≥ 16).
+    vitgpt2::runtime::set_threads(2);
+    for &(m, k, n) in &[(197, 768, 65), (64, 300, 257)] {
+        for zero in [Zero::None, Zero::Varying] {
+            seed += 1;
+            let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed: false, b_signed: true, zero }, seed);
+            assert_eq!(substituted, 1);
+            assert!(rten == tract && rten.iter().zip(&naive).all(|(a, b)| *a as i64 == *b), "2 threads, m={m} k={k} n={n} {zero:?}");
+        }
+    }
+    vitgpt2::runtime::set_threads(1);
 }
