@@ -113,6 +113,7 @@ fn broker_killed_and_restarted_mid_stream_loses_nothing() {
     let port = free_port();
     let mut broker = Broker::start(&bin, tmp.path(), port, "");
     let sub1 = Sub::start(port, &["t/cam1/caption"]);
+    wait_until("the subscriber in place", Duration::from_secs(10), || *sub1.subacked.lock().unwrap() >= 1);
     let node = Node::start(tmp.path(), "node", &config(&watch, &spool, port, "", ""));
     drop_images(&watch, "a", 10);
     wait_until("first 10", Duration::from_secs(30), || sub1.captions("t/cam1/caption").len() >= 10);
@@ -127,6 +128,8 @@ fn broker_killed_and_restarted_mid_stream_loses_nothing() {
     node.signal("STOP");
     let _broker2 = Broker::start(&bin, tmp.path(), port, "");
     let sub2 = Sub::start(port, &["t/cam1/caption"]);
+    // Sub::start returns before the broker has acknowledged the subscription.
+    wait_until("the new subscriber in place", Duration::from_secs(10), || *sub2.subacked.lock().unwrap() >= 1);
     node.signal("CONT");
     drop_images(&watch, "c", 10);
     wait_until("the other 20", Duration::from_secs(40), || sub2.captions("t/cam1/caption").len() >= 20);
