@@ -32,8 +32,9 @@ fn random_bytes(rng: &mut SplitMix, n: usize) -> Vec<u8> {
 }
 
 /// Runs `MatMulInteger(a [1, m, k], b [k, n] const, zero points)` through tract with and without
-/// the substitution; returns (substituted, rten's i32 output, tract's).
-fn run_case(c: &Case, seed: u64) -> (usize, Vec<i32>, Vec<i32>, Vec<i64>) {
+/// the substitution (`gemm`); returns (substituted, the substitute's i32 output, tract's, the
+/// definition's).
+fn run_case(c: &Case, seed: u64, gemm: Int8Gemm) -> (usize, Vec<i32>, Vec<i32>, Vec<i64>) {
     let mut rng = SplitMix::new(seed);
     let a_dt = if c.a_signed { DataType::Int8 } else { DataType::Uint8 };
     let mut g = GraphBuilder::new("mmi");
@@ -103,7 +104,7 @@ fn run_case(c: &Case, seed: u64) -> (usize, Vec<i32>, Vec<i32>, Vec<i64>) {
         let v = out[0].to_plain_array_view::<i32>().expect("i32 output").iter().copied().collect::<Vec<_>>();
         (n, v)
     };
-    let (substituted, rten) = run(Int8Gemm::Rten);
+    let (substituted, rten) = run(gemm);
     let (none, tract) = run(Int8Gemm::Tract);
     assert_eq!(none, 0);
     (substituted, rten, tract, naive)
@@ -114,14 +115,18 @@ fn int8_products_equal_tracts_matmul_integer() {
     let Some(kernel) = vitgpt2::runtime::int8::kernel() else {
         // x86-64 without VNNI: the products stay tract's by design (see runtime::int8): nothing
         // may be substituted there.
-        let (substituted, rten, tract, naive) = run_case(&Case { m: 3, k: 5, n: 7, a_signed: true, b_signed: true, zero: Zero::Const }, 1);
+        let (substituted, rten, tract, naive) = run_case(&Case { m: 3, k: 5, n: 7, a_signed: true, b_signed: true, zero: Zero::Const }, 1, Int8Gemm::Auto);
         assert_eq!(substituted, 0, "a kernel that can saturate must not be used");
         assert!(rten == tract && tract.iter().zip(&naive).all(|(a, b)| *a as i64 == *b));
         eprintln!("this CPU's rten-gemm int8 kernel can saturate: checked that nothing is substituted");
         return;
     };
     eprintln!("rten-gemm kernel: {kernel}");
-    let shapes = [(1, 1, 1), (1, 64, 33), (3, 5, 7), (17, 77, 130), (197, 768, 65), (2, 300, 3), (4, 17, 257), (65, 3, 2), (31, 2, 40)];
+    // Rows < 16 run on the few-row AVX-512 VNNI kernel where the CPU has it (Auto), in groups
+    // of 4 rows and 64 columns (so 5, 9 and 15 rows, 65 and 257 columns: partial groups).
+    let few_row = vitgpt2::runtime::int8_gemv::available();
+    eprintln!("few-row kernel: {}", if few_row { "avx512-vnni" } else { "none on this CPU (rten-gemm for all)" });
+    let shapes = [(1, 1, 1), (1, 64, 33), (3, 5, 7), (17, 77, 130), (197, 768, 65), (2, 300, 3), (4, 17, 257), (65, 3, 2), (31, 2, 40), (5, 768, 130), (9, 31, 64), (15, 3072, 65), (1, 768, 1000)];
     let mut seed = 7;
     let mut checked = 0;
     for &(m, k, n) in &shapes {
@@ -129,25 +134,30 @@ fn int8_products_equal_tracts_matmul_integer() {
             for zero in [Zero::None, Zero::Const, Zero::Varying] {
                 seed += 1;
                 let c = Case { m, k, n, a_signed, b_signed, zero };
-                let (substituted, rten, tract, naive) = run_case(&c, seed);
-                let what = format!("m={m} k={k} n={n} a {} b {} zero points {zero:?}", if a_signed { "i8" } else { "u8" }, if b_signed { "i8" } else { "u8" });
+                // Auto, then rten-gemm alone (the same as Auto where rows ≥ 16: done once).
+                let gemms: &[Int8Gemm] = if m < 16 && few_row { &[Int8Gemm::Auto, Int8Gemm::Rten] } else { &[Int8Gemm::Auto] };
+                for &gemm in gemms {
+                let (substituted, rten, tract, naive) = run_case(&c, seed, gemm);
+                let what = format!("{gemm:?} m={m} k={k} n={n} a {} b {} zero points {zero:?}", if a_signed { "i8" } else { "u8" }, if b_signed { "i8" } else { "u8" });
                 assert_eq!(substituted, 1, "{what}: the product was not substituted");
                 assert_eq!(rten.len(), m * n, "{what}");
                 if let Some(i) = (0..rten.len()).find(|&i| rten[i] != tract[i] || rten[i] as i64 != naive[i]) {
-                    panic!("{what}: element {i}: rten-gemm {}, tract {}, by definition {}", rten[i], tract[i], naive[i]);
+                    panic!("{what}: element {i}: substitute {}, tract {}, by definition {}", rten[i], tract[i], naive[i]);
                 }
                 checked += 1;
+                }
             }
         }
     }
-    assert_eq!(checked, shapes.len() * 12);
+    let few = shapes.iter().filter(|s| s.0 < 16).count();
+    assert_eq!(checked, (shapes.len() + if few_row { few } else { 0 }) * 12);
 
     // Two threads: the pool shared with tract and rten-gemm's parallel blocks (rows ≥ 16).
     vitgpt2::runtime::set_threads(2);
     for &(m, k, n) in &[(197, 768, 65), (64, 300, 257)] {
         for zero in [Zero::None, Zero::Varying] {
             seed += 1;
-            let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed: false, b_signed: true, zero }, seed);
+            let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed: false, b_signed: true, zero }, seed, Int8Gemm::Auto);
             assert_eq!(substituted, 1);
             assert!(rten == tract && rten.iter().zip(&naive).all(|(a, b)| *a as i64 == *b), "2 threads, m={m} k={k} n={n} {zero:?}");
         }

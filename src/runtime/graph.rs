@@ -23,11 +23,14 @@ pub struct Graph {
     int8_products: usize,
 }
 
-/// Which kernels run the int8 products (`VITGPT2_INT8_GEMM=tract|rten`, default rten: the
-/// comparison in README "Performance" is made by switching this).
+/// Which kernels run the int8 products (`VITGPT2_INT8_GEMM=tract|rten`; default: both kernels of
+/// [`int8::substitute`]; the comparison in README "Performance" is made by switching this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Gemm {
-    /// rten-gemm through [`int8::substitute`], where the CPU's kernel is exact.
+    /// [`int8::substitute`]: few-row products (decoder steps) on the AVX-512 VNNI kernel of
+    /// `int8_gemv` where the CPU has it, the others on rten-gemm, where its kernel is exact.
+    Auto,
+    /// rten-gemm for every product (as before the few-row kernel; for comparison).
     Rten,
     /// tract's own quantized matrix products.
     Tract,
@@ -37,18 +40,23 @@ impl Int8Gemm {
     pub fn from_env() -> Self {
         match std::env::var("VITGPT2_INT8_GEMM").as_deref() {
             Ok("tract") => Int8Gemm::Tract,
-            _ => Int8Gemm::Rten,
+            Ok("rten") => Int8Gemm::Rten,
+            _ => Int8Gemm::Auto,
         }
     }
 }
 
 /// tract's passes with the int8 substitution between them: typing, declutter, [`int8::substitute`]
-/// (for [`Int8Gemm::Rten`]), then tract's optimizer. Returns the model and how many products
+/// (unless [`Int8Gemm::Tract`]), then tract's optimizer. Returns the model and how many products
 /// were substituted.
 pub fn optimize(model: InferenceModel, gemm: Int8Gemm) -> TractResult<(TypedModel, usize)> {
     let mut typed = model.into_typed()?;
     typed.declutter()?;
-    let n = if gemm == Int8Gemm::Rten { int8::substitute(&mut typed)? } else { 0 };
+    let n = match gemm {
+        Int8Gemm::Auto => int8::substitute(&mut typed, true)?,
+        Int8Gemm::Rten => int8::substitute(&mut typed, false)?,
+        Int8Gemm::Tract => 0,
+    };
     typed.optimize()?;
     Ok((typed, n))
 }

@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions, PackedBMatrix, QuantParams};
 use rten_tensor::{Matrix, NdTensorView};
+
+use super::int8_gemv::{self, GemvWeights};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -100,9 +102,18 @@ enum LeftZero {
 ///
 /// Inputs: `a` (i8 or u8, `[.., K]`, any leading dims) and, for [`LeftZero::Input`], the
 /// zero point `a0` (one element). Output: i32 `[.., N]`.
+/// The constant right operand, laid out once at load for one of the two kernels.
+#[derive(Clone)]
+enum Weights {
+    /// rten-gemm's packed blocks (products of many rows: the encoder).
+    Packed(Arc<PackedBMatrix<i8>>),
+    /// [`GemvWeights`] (products of a few rows: decoder steps).
+    Gemv(Arc<GemvWeights>),
+}
+
 #[derive(Clone)]
 pub struct Int8MatMul {
-    packed: Arc<PackedBMatrix<i8>>,
+    weights: Weights,
     k: usize,
     n: usize,
     /// b0 per column, in i8 terms (see the module docs); `None` when all are zero. rten-gemm
@@ -116,16 +127,31 @@ pub struct Int8MatMul {
 
 impl std::fmt::Debug for Int8MatMul {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Int8MatMul(k={}, n={}, a={}, a0={:?}, b0={})", self.k, self.n, if self.a_signed { "i8" } else { "u8" }, self.a_zero, self.b_zero.is_some())
+        write!(f, "Int8MatMul({}, k={}, n={}, a={}, a0={:?}, b0={})", self.kernel(), self.k, self.n, if self.a_signed { "i8" } else { "u8" }, self.a_zero, self.b_zero.is_some())
     }
 }
 
 impl PartialEq for Int8MatMul {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.packed, &other.packed) && self.a_signed == other.a_signed && self.a_zero == other.a_zero
+        let same = match (&self.weights, &other.weights) {
+            (Weights::Packed(a), Weights::Packed(b)) => Arc::ptr_eq(a, b),
+            (Weights::Gemv(a), Weights::Gemv(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        same && self.a_signed == other.a_signed && self.a_zero == other.a_zero
     }
 }
 impl Eq for Int8MatMul {}
+
+impl Int8MatMul {
+    /// The kernel this product runs on.
+    fn kernel(&self) -> &'static str {
+        match self.weights {
+            Weights::Packed(_) => executor().kernel_name(),
+            Weights::Gemv(_) => "avx512-vnni few-row (vitgpt2)",
+        }
+    }
+}
 
 impl Op for Int8MatMul {
     fn name(&self) -> StaticName {
@@ -133,7 +159,7 @@ impl Op for Int8MatMul {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("rten-gemm {}: K={} N={}, left {}", executor().kernel_name(), self.k, self.n, if self.a_signed { "i8" } else { "u8" })])
+        Ok(vec![format!("{}: K={} N={}, left {}", self.kernel(), self.k, self.n, if self.a_signed { "i8" } else { "u8" })])
     }
 
     op_as_typed_op!();
@@ -166,17 +192,29 @@ impl EvalOp for Int8MatMul {
                 u8::try_from(v).map_err(|_| format_err!("Int8MatMul: zero point {v} out of range"))?
             }
         };
-        let a_zero = vec![a0; m];
-        // Safety: the buffer is handed to gemm_uninit as MaybeUninit, which writes every element
-        // (and returns them as initialized) before anything reads it.
-        let mut out = unsafe { Tensor::uninitialized::<i32>(&out_shape)? };
-        let len = out.len();
-        let ptr = out.as_ptr_mut::<i32>()?.cast::<std::mem::MaybeUninit<i32>>();
-        let out_uninit = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-        let a_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], a_u8);
-        let opts = GemmUninitOptions { a_quant: Some(QuantParams { zero_point: &a_zero }), ..Default::default() };
-        let out_data = with_threads(m, || executor().gemm_uninit(out_uninit, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(&self.packed), opts))
-            .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
+        let mut out = match &self.weights {
+            Weights::Gemv(w) => {
+                let mut out = vec![0i32; m * self.n];
+                w.gemm(a_u8, m, a0, &mut out);
+                tract_ndarray::ArrayD::from_shape_vec(&*out_shape, out)?.into_tensor()
+            }
+            Weights::Packed(packed) => {
+                let a_zero = vec![a0; m];
+                // Safety: the buffer is handed to gemm_uninit as MaybeUninit, which writes every
+                // element (and returns them as initialized) before anything reads it.
+                let mut out = unsafe { Tensor::uninitialized::<i32>(&out_shape)? };
+                let len = out.len();
+                let ptr = out.as_ptr_mut::<i32>()?.cast::<std::mem::MaybeUninit<i32>>();
+                let out_uninit = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+                let a_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], a_u8);
+                let opts = GemmUninitOptions { a_quant: Some(QuantParams { zero_point: &a_zero }), ..Default::default() };
+                with_threads(m, || executor().gemm_uninit(out_uninit, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(packed), opts))
+                    .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
+                out
+            }
+        };
+        let mut view = out.try_as_plain_ram_mut()?;
+        let out_data = view.as_slice_mut::<i32>()?;
         if let Some(b_zero) = &self.b_zero {
             // Wrapping, like the i32 accumulation of the product itself.
             for (row, out_row) in a_u8.chunks_exact(self.k).zip(out_data.chunks_exact_mut(self.n)) {
@@ -210,7 +248,11 @@ impl TypedOp for Int8MatMul {
 /// (quantized `EinSum`, i32 out, constant right operand, unit scales, scalar left zero point,
 /// scalar or per-column right zero point) by an [`Int8MatMul`]. Returns how many it replaced
 /// (0 where [`kernel`] is `None`). Run it between tract's `declutter` and `optimize`.
-pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
+///
+/// With `few_rows`, products whose rows are known at load to be fewer than 16 (apart from
+/// symbolic batch and sequence sizes: a decoder step's one row per sequence) run on
+/// [`GemvWeights`] where the CPU has AVX-512 VNNI; all others on rten-gemm.
+pub fn substitute(model: &mut TypedModel, few_rows: bool) -> TractResult<usize> {
     if kernel().is_none() {
         return Ok(0);
     }
@@ -218,7 +260,7 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(einsum) = node.op_as::<EinSum>() else { continue };
-        let Some(plan) = plan_for(model, node, einsum)? else { continue };
+        let Some(plan) = plan_for(model, node, einsum, few_rows)? else { continue };
         let mut patch = TypedModelPatch::new(format!("int8 product {} on rten-gemm", node.name));
         let mut wires = tvec![patch.tap_model(model, node.inputs[0])?];
         if plan.a_zero == LeftZero::Input {
@@ -243,7 +285,7 @@ fn on_n_axis(op: &EinSum, slot: usize) -> bool {
 }
 
 /// The [`Int8MatMul`] for `node`, if it is a product this module computes exactly.
-fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Option<Int8MatMul>> {
+fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum, few_rows: bool) -> TractResult<Option<Int8MatMul>> {
     let facts = model.node_input_facts(node.id)?;
     if model.outlet_fact(OutletId::new(node.id, 0))?.datum_type != i32::datum_type() || !(facts.len() == 9 || facts.len() == 2) {
         return Ok(None);
@@ -324,9 +366,15 @@ fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Op
     };
     let b_zero: Vec<i32> = b0.iter().map(|&z| z - if b_signed { 0 } else { 128 }).collect();
     let strides: Vec<usize> = (0..rb).map(|i| b_const.shape()[i + 1..].iter().product()).collect();
-    let b_view: Matrix<i8> = NdTensorView::from_data_with_strides([kd, nd], &b_i8[..], [strides[kb], strides[nb]])
-        .map_err(|e| format_err!("Int8MatMul: right operand layout: {e:?}"))?;
-    let packed = executor().prepack_b(b_view);
+    // Rows known at load: the product of a's concrete leading dims (symbols count as 1).
+    let known_rows: usize = a.shape.iter().take(ra - 1).filter_map(|d| d.to_usize().ok()).product();
+    let weights = if few_rows && known_rows < PARALLEL_MIN_ROWS && int8_gemv::available() {
+        Weights::Gemv(Arc::new(GemvWeights::new(kd, nd, &b_i8, strides[kb], strides[nb])))
+    } else {
+        let b_view: Matrix<i8> = NdTensorView::from_data_with_strides([kd, nd], &b_i8[..], [strides[kb], strides[nb]])
+            .map_err(|e| format_err!("Int8MatMul: right operand layout: {e:?}"))?;
+        Weights::Packed(Arc::new(executor().prepack_b(b_view)))
+    };
     let b_zero = if b_zero.iter().all(|&z| z == 0) {
         None
     } else if b_zero.len() == 1 {
@@ -334,5 +382,5 @@ fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Op
     } else {
         Some(b_zero.into())
     };
-    Ok(Some(Int8MatMul { packed: Arc::new(packed), k: kd, n: nd, b_zero, a_signed, a_zero: a0 }))
+    Ok(Some(Int8MatMul { weights, k: kd, n: nd, b_zero, a_signed, a_zero: a0 }))
 }

@@ -6,6 +6,7 @@
 pub mod fast;
 pub mod graph;
 pub mod int8;
+pub mod int8_gemv;
 pub mod onnx_file;
 pub mod optimum;
 
