@@ -137,14 +137,14 @@ fn int8_products_equal_tracts_matmul_integer() {
                 // Auto, then rten-gemm alone (the same as Auto where rows ≥ 16: done once).
                 let gemms: &[Int8Gemm] = if m < 16 && few_row { &[Int8Gemm::Auto, Int8Gemm::Rten] } else { &[Int8Gemm::Auto] };
                 for &gemm in gemms {
-                let (substituted, rten, tract, naive) = run_case(&c, seed, gemm);
-                let what = format!("{gemm:?} m={m} k={k} n={n} a {} b {} zero points {zero:?}", if a_signed { "i8" } else { "u8" }, if b_signed { "i8" } else { "u8" });
-                assert_eq!(substituted, 1, "{what}: the product was not substituted");
-                assert_eq!(rten.len(), m * n, "{what}");
-                if let Some(i) = (0..rten.len()).find(|&i| rten[i] != tract[i] || rten[i] as i64 != naive[i]) {
-                    panic!("{what}: element {i}: substitute {}, tract {}, by definition {}", rten[i], tract[i], naive[i]);
-                }
-                checked += 1;
+                    let (substituted, rten, tract, naive) = run_case(&c, seed, gemm);
+                    let what = format!("{gemm:?} m={m} k={k} n={n} a {} b {} zero points {zero:?}", if a_signed { "i8" } else { "u8" }, if b_signed { "i8" } else { "u8" });
+                    assert_eq!(substituted, 1, "{what}: the product was not substituted");
+                    assert_eq!(rten.len(), m * n, "{what}");
+                    if let Some(i) = (0..rten.len()).find(|&i| rten[i] != tract[i] || rten[i] as i64 != naive[i]) {
+                        panic!("{what}: element {i}: substitute {}, tract {}, by definition {}", rten[i], tract[i], naive[i]);
+                    }
+                    checked += 1;
                 }
             }
         }
@@ -152,9 +152,10 @@ fn int8_products_equal_tracts_matmul_integer() {
     let few = shapes.iter().filter(|s| s.0 < 16).count();
     assert_eq!(checked, (shapes.len() + if few_row { few } else { 0 }) * 12);
 
-    // Two threads: the pool shared with tract and rten-gemm's parallel blocks (rows ≥ 16).
+    // Two threads: the pool shared with tract and rten-gemm's parallel blocks (rows ≥ 16), and
+    // the few-row kernel's column ranges (weights of 1 MiB or more).
     vitgpt2::runtime::set_threads(2);
-    for &(m, k, n) in &[(197, 768, 65), (64, 300, 257)] {
+    for &(m, k, n) in &[(197, 768, 65), (64, 300, 257), (1, 768, 1400), (4, 1024, 1100)] {
         for zero in [Zero::None, Zero::Varying] {
             seed += 1;
             let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed: false, b_signed: true, zero }, seed, Int8Gemm::Auto);
@@ -163,4 +164,61 @@ fn int8_products_equal_tracts_matmul_integer() {
         }
     }
     vitgpt2::runtime::set_threads(1);
+}
+
+/// Runs a graph through tract with the substitution (`Auto`) and without; returns how many
+/// products were substituted and whether both outputs are equal.
+fn substituted_and_equal(proto: tract_onnx::pb::ModelProto, values: TVec<TValue>) -> (usize, bool) {
+    let model = tract_onnx::onnx().model_for_proto_model(&proto).expect("tract parses the graph");
+    let run = |gemm: Int8Gemm| {
+        let (typed, n) = optimize(model.clone(), gemm).expect("optimizes");
+        let out = typed.into_runnable().expect("runnable").run(values.clone()).expect("runs");
+        (n, out[0].clone().into_tensor())
+    };
+    let (n, ours) = run(Int8Gemm::Auto);
+    let (_, tract) = run(Int8Gemm::Tract);
+    (n, ours == tract)
+}
+
+/// Products the substitute cannot compute as it is built (a right operand that is not a
+/// constant, a batch of right matrices, one left zero point per row) stay tract's, and give
+/// tract's results.
+#[test]
+fn products_outside_the_substitutes_reach_stay_tracts() {
+    if vitgpt2::runtime::int8::kernel().is_none() {
+        return; // nothing is substituted on this CPU at all (checked above)
+    }
+    let mut rng = SplitMix::new(99);
+    let (m, k, n) = (3, 20, 9);
+    let i8s = |rng: &mut SplitMix, len: usize| random_bytes(rng, len).into_iter().map(|v| v as i8).collect::<Vec<_>>();
+
+    // The right operand is a graph input.
+    let mut g = GraphBuilder::new("mmi");
+    let a = g.input("a", DataType::Int8, &[Dim::Fixed(m), Dim::Fixed(k)]);
+    let b = g.input("b", DataType::Int8, &[Dim::Fixed(k), Dim::Fixed(n)]);
+    let y = g.node("MatMulInteger", &[&a, &b], vec![]);
+    g.output(&y, "y", DataType::Int32, &[Dim::Fixed(m), Dim::Fixed(n)]);
+    let values = tvec![Tensor::from_shape(&[m, k], &i8s(&mut rng, m * k)).unwrap().into_tvalue(), Tensor::from_shape(&[k, n], &i8s(&mut rng, k * n)).unwrap().into_tvalue()];
+    assert_eq!(substituted_and_equal(g.finish("b input", &[]), values), (0, true), "right operand not constant");
+
+    // A batch of two constant right matrices.
+    let mut g = GraphBuilder::new("mmi");
+    let a = g.input("a", DataType::Int8, &[Dim::Fixed(2), Dim::Fixed(m), Dim::Fixed(k)]);
+    let b = g.init_i8("b", &[2, k, n], &i8s(&mut rng, 2 * k * n));
+    let y = g.node("MatMulInteger", &[&a, &b], vec![]);
+    g.output(&y, "y", DataType::Int32, &[Dim::Fixed(2), Dim::Fixed(m), Dim::Fixed(n)]);
+    let values = tvec![Tensor::from_shape(&[2, m, k], &i8s(&mut rng, 2 * m * k)).unwrap().into_tvalue()];
+    assert_eq!(substituted_and_equal(g.finish("batched b", &[]), values), (0, true), "batched right operand");
+
+    // One left zero point per row (ONNX allows a 1-D a_zero_point of length M).
+    let mut g = GraphBuilder::new("mmi");
+    let a = g.input("a", DataType::Int8, &[Dim::Fixed(m), Dim::Fixed(k)]);
+    let b = g.init_i8("b", &[k, n], &i8s(&mut rng, k * n));
+    let a0 = g.init_i8("a0", &[m], &[1, -5, 7]);
+    let y = g.node("MatMulInteger", &[&a, &b, &a0], vec![]);
+    g.output(&y, "y", DataType::Int32, &[Dim::Fixed(m), Dim::Fixed(n)]);
+    let values = tvec![Tensor::from_shape(&[m, k], &i8s(&mut rng, m * k)).unwrap().into_tvalue()];
+    let (substituted, equal) = substituted_and_equal(g.finish("per-row a0", &[]), values);
+    assert!(equal, "per-row left zero points: results differ from tract's");
+    assert_eq!(substituted, 0, "per-row left zero points");
 }

@@ -59,13 +59,19 @@ impl GemvWeights {
         for (step, dst) in w.chunks_exact_mut(4 * GROUP).enumerate() {
             let (j, g) = (step / kg, step % kg);
             let cols = GROUP.min(n - j * GROUP);
-            for t in 0..4.min(k - 4 * g) {
-                let row = (4 * g + t) * stride_k + j * GROUP * stride_n;
-                if stride_n == 1 {
-                    for (col, &v) in b[row..row + cols].iter().enumerate() {
-                        dst[4 * col + t] = v;
-                    }
-                } else {
+            let rows = 4.min(k - 4 * g);
+            if stride_n == 1 && rows == 4 {
+                // The common case (row-major, whole steps): interleave 4 rows, 4 bytes per column.
+                let r: [&[i8]; 4] = std::array::from_fn(|t| {
+                    let start = (4 * g + t) * stride_k + j * GROUP;
+                    &b[start..start + cols]
+                });
+                for (col, quad) in dst.chunks_exact_mut(4).take(cols).enumerate() {
+                    quad.copy_from_slice(&[r[0][col], r[1][col], r[2][col], r[3][col]]);
+                }
+            } else {
+                for t in 0..rows {
+                    let row = (4 * g + t) * stride_k + j * GROUP * stride_n;
                     for col in 0..cols {
                         dst[4 * col + t] = b[row + col * stride_n];
                     }
@@ -78,9 +84,16 @@ impl GemvWeights {
         GemvWeights { w, k, kg, n, col_sums }
     }
 
+    /// Bytes of the laid-out weights (what one product streams from memory).
+    pub fn bytes(&self) -> usize {
+        self.w.len()
+    }
+
     /// `out[i, n] = Σ_k (a[i, k] − a0)·b[k, n]` in wrapping i32, for `a` of `m` rows of `K` u8
-    /// (row-major) and `out` of `m × N`. Only call where [`available`] is true.
-    pub fn gemm(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
+    /// (row-major) and `out` of `m × N`, the columns split into `parts` ranges computed as
+    /// rayon tasks (in the caller's pool; 1: on the caller's thread). Only call where
+    /// [`available`] is true.
+    pub fn gemm(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32], parts: usize) {
         assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm: operand sizes");
         assert!(available(), "GemvWeights::gemm without AVX-512 VNNI");
         // The rows as little-endian u32 words of 4 k-values, zero-padded to ⌈K/4⌉.
@@ -96,15 +109,48 @@ impl GemvWeights {
                 })
             })
             .collect();
+        let groups = self.n.div_ceil(GROUP);
+        let parts = parts.clamp(1, groups);
+        if parts == 1 {
+            self.groups_into(&words, m, a0, 0..groups, out);
+            return;
+        }
+        // Each part streams its own slice of the weights into a buffer of its columns.
+        use rayon::prelude::*;
+        let per = groups.div_ceil(parts);
+        // No empty part (e.g. 4 groups in 3 parts: 2 + 2).
+        let parts = groups.div_ceil(per);
+        let pieces: Vec<(usize, Vec<i32>)> = (0..parts)
+            .into_par_iter()
+            .map(|p| {
+                let range = p * per..((p + 1) * per).min(groups);
+                let (c0, c1) = (range.start * GROUP, (range.end * GROUP).min(self.n));
+                let mut buf = vec![0; m * (c1 - c0)];
+                self.groups_into(&words, m, a0, range, &mut buf);
+                (c0, buf)
+            })
+            .collect();
+        for (c0, buf) in pieces {
+            let cols = buf.len() / m;
+            for (r, src) in buf.chunks_exact(cols).enumerate() {
+                out[r * self.n + c0..][..cols].copy_from_slice(src);
+            }
+        }
+    }
+
+    /// Column groups `groups` of the product into `out` (`m` rows of those groups' columns).
+    fn groups_into(&self, words: &[i32], m: usize, a0: u8, groups: std::ops::Range<usize>, out: &mut [i32]) {
+        let first = groups.start * GROUP;
+        let width = (groups.end * GROUP).min(self.n) - first;
         let zero_term = |nn: usize| (a0 as i32).wrapping_mul(self.col_sums[nn]);
         let mut tile = [[0i32; GROUP]; MAX_ROWS];
-        for j in 0..self.n.div_ceil(GROUP) {
+        for j in groups {
             let w = &self.w[j * self.kg * 4 * GROUP..(j + 1) * self.kg * 4 * GROUP];
             let cols = GROUP.min(self.n - j * GROUP);
             for r0 in (0..m).step_by(MAX_ROWS) {
                 let rows = MAX_ROWS.min(m - r0);
-                let row = |r: usize| &words[(r0 + r.min(rows - 1)) * self.kg..][..self.kg];
-                // Safety: available() was checked above; slices are of the lengths the kernel reads.
+                let row = |r: usize| &words[(r0 + r) * self.kg..][..self.kg];
+                // Safety: gemm checked available(); the slices have the lengths the kernel reads.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match rows {
@@ -115,7 +161,7 @@ impl GemvWeights {
                     }
                 }
                 for (r, acc) in tile.iter().enumerate().take(rows) {
-                    let out_row = &mut out[(r0 + r) * self.n + j * GROUP..][..cols];
+                    let out_row = &mut out[(r0 + r) * width + j * GROUP - first..][..cols];
                     for (c, o) in out_row.iter_mut().enumerate() {
                         *o = acc[c].wrapping_sub(zero_term(j * GROUP + c));
                     }
@@ -175,13 +221,16 @@ mod tests {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (s >> 33) as u8
         };
-        for &(m, k, n) in &[(1, 1, 1), (1, 768, 130), (4, 17, 65), (5, 9, 200), (9, 64, 64), (3, 3, 3)] {
+        for &(m, k, n) in &[(1, 1, 1), (1, 768, 130), (4, 17, 65), (5, 9, 200), (9, 64, 64), (3, 3, 3), (2, 40, 700)] {
             let b: Vec<i8> = (0..k * n).map(|_| next() as i8).collect();
             let a: Vec<u8> = (0..m * k).map(|_| next()).collect();
             let a0 = next();
             let wts = GemvWeights::new(k, n, &b, n, 1);
             let mut out = vec![0; m * n];
-            wts.gemm(&a, m, a0, &mut out);
+            wts.gemm(&a, m, a0, &mut out, 1);
+            let mut split = vec![0; m * n];
+            wts.gemm(&a, m, a0, &mut split, 3);
+            assert_eq!(out, split, "m={m} k={k} n={n}: 3 column ranges");
             for i in 0..m {
                 for j in 0..n {
                     let want: i32 = (0..k).map(|l| (a[i * k + l] as i32 - a0 as i32) * b[l * n + j] as i32).sum();
