@@ -152,8 +152,8 @@ fn int8_products_equal_tracts_matmul_integer() {
     let few = shapes.iter().filter(|s| s.0 < 16).count();
     assert_eq!(checked, (shapes.len() + if few_row { few } else { 0 }) * 12);
 
-    // Two threads: the pool shared with tract and rten-gemm's parallel blocks (rows ≥ 16), and
-    // the few-row kernel's column ranges (weights of 1 MiB or more).
+    // Two threads: the pool shared with tract and rten-gemm's parallel blocks (rows ≥ 16); the
+    // few-row kernel stays on the calling thread.
     vitgpt2::runtime::set_threads(2);
     for &(m, k, n) in &[(197, 768, 65), (64, 300, 257), (1, 768, 1400), (4, 1024, 1100)] {
         for zero in [Zero::None, Zero::Varying] {

@@ -44,9 +44,6 @@ pub fn kernel() -> Option<&'static str> {
 
 static THREADS: AtomicUsize = AtomicUsize::new(1);
 
-/// Few-row products with fewer weight bytes run on one thread (see `Int8MatMul::eval`).
-const GEMV_PARALLEL_MIN_BYTES: usize = 1 << 20;
-
 /// Products with fewer rows run single-threaded (see `with_threads`).
 const PARALLEL_MIN_ROWS: usize = 16;
 
@@ -198,16 +195,10 @@ impl EvalOp for Int8MatMul {
         let mut out = match &self.weights {
             Weights::Gemv(w) => {
                 let mut out = vec![0i32; m * self.n];
-                // Split across the threads only where the stream is long enough to pay for
-                // handing it out (~5 µs per task): the decoder's 2.4 MB MLP matrices and the
-                // 38 MB head, not its 0.6 MB projections.
-                let threads = THREADS.load(Ordering::Relaxed);
-                if threads > 1 && w.bytes() >= GEMV_PARALLEL_MIN_BYTES {
-                    let pool = thread_pool(threads).context("Int8MatMul: no thread pool")?;
-                    pool.install(|| w.gemm(a_u8, m, a0, &mut out, threads));
-                } else {
-                    w.gemm(a_u8, m, a0, &mut out, 1);
-                }
+                // One thread even with --threads 2: split by columns across rayon's pool, a token
+                // got slower here (19 → 27 ms; the LM head alone split: 23–24 ms, beam 4 1.5×
+                // slower), the workers' wake-ups costing more than the second core's bandwidth.
+                w.gemm(a_u8, m, a0, &mut out, 1);
                 tract_ndarray::ArrayD::from_shape_vec(&*out_shape, out)?.into_tensor()
             }
             Weights::Packed(packed) => {
