@@ -198,7 +198,7 @@ impl EvalOp for Int8MatMul {
                 // One thread even with --threads 2: split by columns across rayon's pool, a token
                 // got slower here (19 → 27 ms; the LM head alone split: 23–24 ms, beam 4 1.5×
                 // slower), the workers' wake-ups costing more than the second core's bandwidth.
-                w.gemm(a_u8, m, a0, &mut out, 1);
+                w.gemm(a_u8, m, a0, &mut out);
                 tract_ndarray::ArrayD::from_shape_vec(&*out_shape, out)?.into_tensor()
             }
             Weights::Packed(packed) => {

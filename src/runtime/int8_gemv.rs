@@ -84,16 +84,11 @@ impl GemvWeights {
         GemvWeights { w, k, kg, n, col_sums }
     }
 
-    /// Bytes of the laid-out weights (what one product streams from memory).
-    pub fn bytes(&self) -> usize {
-        self.w.len()
-    }
-
     /// `out[i, n] = Σ_k (a[i, k] − a0)·b[k, n]` in wrapping i32, for `a` of `m` rows of `K` u8
-    /// (row-major) and `out` of `m × N`, the columns split into `parts` ranges computed as
-    /// rayon tasks (in the caller's pool; 1: on the caller's thread). Only call where
+    /// (row-major) and `out` of `m × N`, on the caller's thread (split by columns across 2
+    /// threads it measured slower here: see README "Performance"). Only call where
     /// [`available`] is true.
-    pub fn gemm(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32], parts: usize) {
+    pub fn gemm(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
         assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm: operand sizes");
         assert!(available(), "GemvWeights::gemm without AVX-512 VNNI");
         // The rows as little-endian u32 words of 4 k-values, zero-padded to ⌈K/4⌉.
@@ -109,48 +104,15 @@ impl GemvWeights {
                 })
             })
             .collect();
-        let groups = self.n.div_ceil(GROUP);
-        let parts = parts.clamp(1, groups);
-        if parts == 1 {
-            self.groups_into(&words, m, a0, 0..groups, out);
-            return;
-        }
-        // Each part streams its own slice of the weights into a buffer of its columns.
-        use rayon::prelude::*;
-        let per = groups.div_ceil(parts);
-        // No empty part (e.g. 4 groups in 3 parts: 2 + 2).
-        let parts = groups.div_ceil(per);
-        let pieces: Vec<(usize, Vec<i32>)> = (0..parts)
-            .into_par_iter()
-            .map(|p| {
-                let range = p * per..((p + 1) * per).min(groups);
-                let (c0, c1) = (range.start * GROUP, (range.end * GROUP).min(self.n));
-                let mut buf = vec![0; m * (c1 - c0)];
-                self.groups_into(&words, m, a0, range, &mut buf);
-                (c0, buf)
-            })
-            .collect();
-        for (c0, buf) in pieces {
-            let cols = buf.len() / m;
-            for (r, src) in buf.chunks_exact(cols).enumerate() {
-                out[r * self.n + c0..][..cols].copy_from_slice(src);
-            }
-        }
-    }
-
-    /// Column groups `groups` of the product into `out` (`m` rows of those groups' columns).
-    fn groups_into(&self, words: &[i32], m: usize, a0: u8, groups: std::ops::Range<usize>, out: &mut [i32]) {
-        let first = groups.start * GROUP;
-        let width = (groups.end * GROUP).min(self.n) - first;
         let zero_term = |nn: usize| (a0 as i32).wrapping_mul(self.col_sums[nn]);
         let mut tile = [[0i32; GROUP]; MAX_ROWS];
-        for j in groups {
+        for j in 0..self.n.div_ceil(GROUP) {
             let w = &self.w[j * self.kg * 4 * GROUP..(j + 1) * self.kg * 4 * GROUP];
             let cols = GROUP.min(self.n - j * GROUP);
             for r0 in (0..m).step_by(MAX_ROWS) {
                 let rows = MAX_ROWS.min(m - r0);
                 let row = |r: usize| &words[(r0 + r) * self.kg..][..self.kg];
-                // Safety: gemm checked available(); the slices have the lengths the kernel reads.
+                // Safety: available() was checked above; the slices have the lengths the kernel reads.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match rows {
@@ -161,7 +123,7 @@ impl GemvWeights {
                     }
                 }
                 for (r, acc) in tile.iter().enumerate().take(rows) {
-                    let out_row = &mut out[(r0 + r) * width + j * GROUP - first..][..cols];
+                    let out_row = &mut out[(r0 + r) * self.n + j * GROUP..][..cols];
                     for (c, o) in out_row.iter_mut().enumerate() {
                         *o = acc[c].wrapping_sub(zero_term(j * GROUP + c));
                     }
@@ -227,10 +189,7 @@ mod tests {
             let a0 = next();
             let wts = GemvWeights::new(k, n, &b, n, 1);
             let mut out = vec![0; m * n];
-            wts.gemm(&a, m, a0, &mut out, 1);
-            let mut split = vec![0; m * n];
-            wts.gemm(&a, m, a0, &mut split, 3);
-            assert_eq!(out, split, "m={m} k={k} n={n}: 3 column ranges");
+            wts.gemm(&a, m, a0, &mut out);
             for i in 0..m {
                 for j in 0..n {
                     let want: i32 = (0..k).map(|l| (a[i * k + l] as i32 - a0 as i32) * b[l * n + j] as i32).sum();
