@@ -44,11 +44,6 @@ impl FastRuntime {
         let present_names = tensor::per_layer(n_layer, tensor::present);
         let mut enc_outputs = vec![tensor::LAST_HIDDEN_STATE.to_string()];
         enc_outputs.extend(cross_names.iter().cloned());
-        let encoder = Graph::load(
-            encoder,
-            |_| vec![InputSpec::new(tensor::PIXEL_VALUES, f32::datum_type(), [1, 3, h, w].map(TDim::from).to_vec())],
-            &enc_outputs,
-        )?;
         let mut dec_outputs = vec![tensor::LOGITS.to_string()];
         dec_outputs.extend(present_names.iter().cloned());
         let specs = |m: &InferenceModel| {
@@ -66,7 +61,19 @@ impl FastRuntime {
             }
             v
         };
-        let decoder_step = Graph::load(decoder_step, specs, &dec_outputs)?;
+        // The two graphs load on two threads: parsing, tract's declutter and optimizer and the
+        // weight layouts are per graph, and a watchdog restart waits for the slower one only
+        // (measured in README "Performance": cold start).
+        let enc_specs = |_: &InferenceModel| vec![InputSpec::new(tensor::PIXEL_VALUES, f32::datum_type(), [1, 3, h, w].map(TDim::from).to_vec())];
+        let (encoder, decoder_step) = std::thread::scope(|scope| {
+            let dec = std::thread::Builder::new()
+                .name("vitgpt2-load".into())
+                .spawn_scoped(scope, || Graph::load(decoder_step, specs, &dec_outputs))
+                .map_err(|e| Error::runtime("load", format!("cannot start a loading thread: {e}")))?;
+            let enc = Graph::load(encoder, enc_specs, &enc_outputs);
+            let dec = dec.join().map_err(|_| Error::runtime("load", "the thread loading the decoder graph panicked"))?;
+            Ok::<_, Error>((enc?, dec?))
+        })?;
         decoder_step.check_last_dim(tensor::LOGITS, cfg.decoder.vocab_size, "entries but config.json says vocab_size =")?;
         Ok(FastRuntime { dtype, encoder, decoder_step, heads, head_dim, past_names, cross_names, present_names })
     }

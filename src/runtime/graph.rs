@@ -9,7 +9,7 @@ use tract_hir::infer::Factoid;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
-use super::int8;
+use super::{f32_ops, int8};
 use super::onnx_file::OnnxFile;
 use crate::error::{chain, Error, Result};
 
@@ -46,10 +46,16 @@ impl Int8Gemm {
     }
 }
 
-/// tract's passes with the int8 substitution between them: typing, declutter, [`int8::substitute`]
-/// (unless [`Int8Gemm::Tract`]), then tract's optimizer. Returns the model and how many products
+/// tract's passes with the substitutions between them: typing, declutter, [`int8::substitute`]
+/// (unless [`Int8Gemm::Tract`]), [`f32_ops::substitute`] (unless `VITGPT2_F32_OPS=tract`), then
+/// tract's optimizer. Returns the model and how many products
 /// were substituted.
 pub fn optimize(model: InferenceModel, gemm: Int8Gemm) -> TractResult<(TypedModel, usize)> {
+    optimize_with(model, gemm, f32_ops::enabled_from_env())
+}
+
+/// As [`optimize`], with [`f32_ops::substitute`] run or not (`swap_f32`; the tests compare both).
+pub fn optimize_with(model: InferenceModel, gemm: Int8Gemm, swap_f32: bool) -> TractResult<(TypedModel, usize)> {
     let t0 = std::time::Instant::now();
     let mut typed = model.into_typed()?;
     typed.declutter()?;
@@ -59,10 +65,11 @@ pub fn optimize(model: InferenceModel, gemm: Int8Gemm) -> TractResult<(TypedMode
         Int8Gemm::Rten => int8::substitute(&mut typed, false)?,
         Int8Gemm::Tract => 0,
     };
+    let f32_ops = if swap_f32 { f32_ops::substitute(&mut typed)? } else { 0 };
     let t2 = std::time::Instant::now();
     typed.optimize()?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
-    tracing::debug!(declutter_ms = ms(t0, t1), int8_ms = ms(t1, t2), optimize_ms = ms(t2, std::time::Instant::now()), "graph optimized");
+    tracing::debug!(f32_ops, declutter_ms = ms(t0, t1), int8_ms = ms(t1, t2), optimize_ms = ms(t2, std::time::Instant::now()), "graph optimized");
     Ok((typed, n))
 }
 

@@ -13,14 +13,16 @@
 //! u8 and the right as i8, so an i8 left operand is shifted by +128 (xor 0x80) with its zero
 //! point shifted alike, and a u8 right operand by −128, which changes neither difference. The
 //! one kernel that can round (x86-64 AVX2 without VNNI, whose `vpmaddubsw` saturates pairs of
-//! products to i16) is never used: there the products stay tract's. `tests/int8_gemm.rs` checks
+//! products to i16) gets the left operand in two 7-bit parts, each exact (see the eval); tract's
+//! own int8 kernel there (`avx2_mmm_i32_8x8`) measured ~0.5 GMAC/s on an AMD EPYC (Zen 3), 37 s
+//! per encoder, 70× slower than the same model in f32. `tests/int8_gemm.rs` checks
 //! equality with tract's own `MatMulInteger` on random shapes, odd edge sizes and every
 //! operand type and zero-point form.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions, PackedBMatrix, QuantParams};
+use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, GemmUninitOptions, PackedBMatrix, QuantParams};
 use rten_tensor::{Matrix, NdTensorView};
 
 use super::int8_gemv::{self, GemvWeights};
@@ -35,11 +37,15 @@ fn executor() -> &'static GemmExecutor<u8, i8, i32> {
     EXECUTOR.get_or_init(|| Box::leak(Box::new(GemmExecutor::default())))
 }
 
-/// The rten-gemm kernel products run on here (e.g. `avx512-int8`), or `None` where
-/// [`substitute`] leaves them to tract (a kernel that can saturate).
+/// The rten-gemm kernel products run on here (e.g. `x86_64-u8i8i32-avx512`); one that can
+/// saturate (AVX2 without VNNI) runs each product as two exact ones (see [`Int8MatMul`]'s eval),
+/// which the name says. `None` where [`substitute`] leaves the products to tract (no platform
+/// today; kept so callers need not change if one appears).
 pub fn kernel() -> Option<&'static str> {
+    static NAME: OnceLock<String> = OnceLock::new();
     let gemm = executor();
-    (!gemm.may_saturate()).then(|| gemm.kernel_name())
+    let name = NAME.get_or_init(|| if gemm.may_saturate() { format!("{} (7-bit split, exact)", gemm.kernel_name()) } else { gemm.kernel_name().to_string() });
+    Some(name.as_str())
 }
 
 static THREADS: AtomicUsize = AtomicUsize::new(1);
@@ -147,8 +153,8 @@ impl Int8MatMul {
     /// The kernel this product runs on.
     fn kernel(&self) -> &'static str {
         match self.weights {
-            Weights::Packed(_) => executor().kernel_name(),
-            Weights::Gemv(_) => "avx512-vnni few-row (vitgpt2)",
+            Weights::Packed(_) => kernel().unwrap_or("rten-gemm"),
+            Weights::Gemv(_) => int8_gemv::kernel_name(),
         }
     }
 }
@@ -209,10 +215,24 @@ impl EvalOp for Int8MatMul {
                 let len = out.len();
                 let ptr = out.as_ptr_mut::<i32>()?.cast::<std::mem::MaybeUninit<i32>>();
                 let out_uninit = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-                let a_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], a_u8);
+                let gemm = executor();
+                // A kernel whose u8×i8 pair sums saturate at i16 (x86-64 AVX2 without VNNI) is
+                // exact on 7-bit left operands: a = (a & 0x7F) + (a & 0x80), each pair sum of
+                // either part within ±32,768 (|127·−128·2| = 32,512; |128·−128·2| = 32,768), so
+                // Σ(a − a0)·b = Σ((a & 0x7F) − a0)·b + Σ(a & 0x80)·b, two exact products.
+                let split: Option<(Vec<u8>, Vec<u8>)> =
+                    gemm.may_saturate().then(|| (a_u8.iter().map(|&v| v & 0x7F).collect(), a_u8.iter().map(|&v| v & 0x80).collect()));
+                let first = split.as_ref().map_or(a_u8, |(lo, _)| &lo[..]);
+                let a_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], first);
                 let opts = GemmUninitOptions { a_quant: Some(QuantParams { zero_point: &a_zero }), ..Default::default() };
-                with_threads(m, || executor().gemm_uninit(out_uninit, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(packed), opts))
+                let out_init = with_threads(m, || gemm.gemm_uninit(out_uninit, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(packed), opts))
                     .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
+                if let Some((_, hi)) = &split {
+                    let hi_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], &hi[..]);
+                    let opts = GemmOptions { beta: 1, ..Default::default() };
+                    with_threads(m, || gemm.gemm(out_init, GemmInputA::Unpacked(hi_mat), GemmInputB::Packed(packed), opts))
+                        .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
+                }
                 out
             }
         };
@@ -254,7 +274,7 @@ impl TypedOp for Int8MatMul {
 ///
 /// With `few_rows`, products whose rows are known at load to be fewer than 16 (apart from
 /// symbolic batch and sequence sizes: a decoder step's one row per sequence) run on
-/// [`GemvWeights`] where the CPU has AVX-512 VNNI; all others on rten-gemm.
+/// [`GemvWeights`] where the CPU has AVX-512 VNNI or AVX2; all others on rten-gemm.
 pub fn substitute(model: &mut TypedModel, few_rows: bool) -> TractResult<usize> {
     if kernel().is_none() {
         return Ok(0);

@@ -1,4 +1,4 @@
-//! Few-row int8 products (decoder steps) on AVX-512 VNNI, weights laid out once at load.
+//! Few-row int8 products (decoder steps) on AVX-512 VNNI or AVX2, weights laid out once at load.
 //!
 //! A decoder step multiplies one row per sequence (1 for greedy, 4 for beam 4) by every weight
 //! matrix of the decoder: ~137 M int8 weights per token for GPT-2 small with cross-attention
@@ -11,27 +11,55 @@
 //! `w[((j·KG + g)·4 + q)·64 + c·4 + t] = b[4g + t, 64j + 16q + c]`, zero-padded — so each
 //! 64-byte load is the 4 k-values of 16 columns that one `vpdpbusd` multiplies by 4 bytes of
 //! the row broadcast to every lane (Intel SDM, VPDPBUSD: u8 × i8, 4 products summed into each
-//! i32 lane, no saturation). Results are exact (wrapping i32, like the definition).
+//! i32 lane, no saturation). On AVX2 a 32-byte load is 8 columns' 4 k-values, taken by
+//! `vpmaddubsw` + `vpmaddwd` in two 7-bit parts of the row ([`group_kernel_avx2`]). Results are
+//! exact (wrapping i32, like the definition).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// Columns per group: four 16-lane i32 accumulators per row.
 const GROUP: usize = 64;
-/// Rows held in registers at once (4 × 4 accumulators + 4 weights + 4 broadcasts ≤ 32 zmm).
+/// Rows held in registers at once on AVX-512 (4 × 4 accumulators + 4 weights + 4 broadcasts
+/// ≤ 32 zmm; AVX2 holds 2 in its 16 ymm).
 pub const MAX_ROWS: usize = 4;
 /// Steps of 4 k-values (256 bytes each) read ahead.
 const PREFETCH: usize = 32;
 
-/// Whether this CPU runs [`GemvWeights`] (x86-64 with AVX-512 F, BW and VNNI).
-pub fn available() -> bool {
+/// The instruction sets [`GemvWeights::gemm`] has a kernel for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    /// AVX-512 F, BW and VNNI: `vpdpbusd`, 4 rows × 64 columns per pass.
+    Vnni512,
+    /// AVX2: `vpmaddubsw` on the row's two 7-bit parts (exact, see [`group_kernel_avx2`]),
+    /// 2 rows × 32 columns per pass.
+    Avx2,
+}
+
+fn isa() -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni") {
+            return Some(Isa::Vnni512);
+        }
+        if is_x86_feature_detected!("avx2") {
+            return Some(Isa::Avx2);
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    None
+}
+
+/// Whether this CPU runs [`GemvWeights`] (x86-64 with AVX-512 VNNI, or AVX2).
+pub fn available() -> bool {
+    isa().is_some()
+}
+
+/// The kernel [`GemvWeights::gemm`] uses on this CPU, for the profile's descriptions.
+pub fn kernel_name() -> &'static str {
+    match isa() {
+        Some(Isa::Vnni512) => "avx512-vnni few-row (vitgpt2)",
+        Some(Isa::Avx2) => "avx2 few-row (vitgpt2)",
+        None => "none",
     }
 }
 
@@ -86,11 +114,12 @@ impl GemvWeights {
 
     /// `out[i, n] = Σ_k (a[i, k] − a0)·b[k, n]` in wrapping i32, for `a` of `m` rows of `K` u8
     /// (row-major) and `out` of `m × N`, on the caller's thread (split by columns across 2
-    /// threads it measured slower here: see README "Performance"). Only call where
-    /// [`available`] is true.
+    /// threads it measured slower here: see README "Performance"). Panics where [`available`]
+    /// is false.
     pub fn gemm(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
         assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm: operand sizes");
-        assert!(available(), "GemvWeights::gemm without AVX-512 VNNI");
+        let isa = isa();
+        assert!(isa.is_some(), "GemvWeights::gemm on a CPU without AVX-512 VNNI or AVX2");
         // The rows as little-endian u32 words of 4 k-values, zero-padded to ⌈K/4⌉.
         let words: Vec<i32> = a
             .chunks_exact(self.k)
@@ -105,20 +134,23 @@ impl GemvWeights {
             })
             .collect();
         let zero_term = |nn: usize| (a0 as i32).wrapping_mul(self.col_sums[nn]);
+        let block = if isa == Some(Isa::Avx2) { 2 } else { MAX_ROWS };
         let mut tile = [[0i32; GROUP]; MAX_ROWS];
         for j in 0..self.n.div_ceil(GROUP) {
             let w = &self.w[j * self.kg * 4 * GROUP..(j + 1) * self.kg * 4 * GROUP];
             let cols = GROUP.min(self.n - j * GROUP);
-            for r0 in (0..m).step_by(MAX_ROWS) {
-                let rows = MAX_ROWS.min(m - r0);
+            for r0 in (0..m).step_by(block) {
+                let rows = block.min(m - r0);
                 let row = |r: usize| &words[(r0 + r) * self.kg..][..self.kg];
-                // Safety: available() was checked above; the slices have the lengths the kernel reads.
+                // Safety: isa() was checked above; the slices have the lengths the kernels read.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    match rows {
-                        1 => group_kernel::<1>(w, [row(0)], &mut tile),
-                        2 => group_kernel::<2>(w, [row(0), row(1)], &mut tile),
-                        3 => group_kernel::<3>(w, [row(0), row(1), row(2)], &mut tile),
+                    match (isa, rows) {
+                        (Some(Isa::Avx2), 1) => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<1>(w, [row(0)], &mut tile, h)),
+                        (Some(Isa::Avx2), _) => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<2>(w, [row(0), row(1)], &mut tile, h)),
+                        (_, 1) => group_kernel::<1>(w, [row(0)], &mut tile),
+                        (_, 2) => group_kernel::<2>(w, [row(0), row(1)], &mut tile),
+                        (_, 3) => group_kernel::<3>(w, [row(0), row(1), row(2)], &mut tile),
                         _ => group_kernel::<4>(w, [row(0), row(1), row(2), row(3)], &mut tile),
                     }
                 }
@@ -129,6 +161,45 @@ impl GemvWeights {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Half `h` of a group (columns `32h..32h + 32`) for `R` ≤ 2 rows on AVX2:
+/// `tile[r][32h + c] = Σ_g dot4(rows[r][g], w[g][32h + c])`.
+///
+/// `vpmaddubsw` sums pairs of u8 × i8 products into i16 with saturation, so the row's 4 bytes
+/// go in two parts, `x & 0x7F` and `x & 0x80`: every pair sum of either part lies within i16
+/// (|127·(−128)·2| = 32,512; |128·(−128)·2| = 32,768 = −32,768 exactly, the one extreme that
+/// still fits). `vpmaddwd` by 1 widens each to i32 (Intel SDM, PMADDUBSW / PMADDWD).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn group_kernel_avx2<const R: usize>(w: &[i8], rows: [&[i32]; R], tile: &mut [[i32; GROUP]; MAX_ROWS], h: usize) {
+    let kg = rows[0].len();
+    debug_assert!(w.len() == kg * 4 * GROUP && h < 2);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_si256(); 4]; R];
+    let p = w.as_ptr().add(128 * h);
+    for g in 0..kg {
+        let wp = p.add(g * 4 * GROUP);
+        let f = wp.wrapping_add(PREFETCH * 4 * GROUP);
+        _mm_prefetch::<_MM_HINT_T0>(f);
+        _mm_prefetch::<_MM_HINT_T0>(f.wrapping_add(64));
+        let wq: [__m256i; 4] = std::array::from_fn(|l| _mm256_loadu_si256(wp.add(32 * l).cast()));
+        for r in 0..R {
+            let x = *rows[r].get_unchecked(g);
+            let lo = _mm256_set1_epi32(x & 0x7F7F_7F7F);
+            let hi = _mm256_set1_epi32(x & 0x8080_8080_u32 as i32);
+            for l in 0..4 {
+                let t_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, wq[l]), ones);
+                let t_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, wq[l]), ones);
+                acc[r][l] = _mm256_add_epi32(acc[r][l], _mm256_add_epi32(t_lo, t_hi));
+            }
+        }
+    }
+    for r in 0..R {
+        for l in 0..4 {
+            _mm256_storeu_si256(tile[r].as_mut_ptr().add(32 * h + 8 * l).cast(), acc[r][l]);
         }
     }
 }

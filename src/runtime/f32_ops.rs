@@ -1,0 +1,338 @@
+//! Two f32 operators of a graph swapped at load for ones that are faster here (issue #15); the
+//! graph, the optimizer and the executor stay tract's.
+//!
+//! - **Softmax over the last axis, any row length** ([`RowSoftmax`], rten-vecmath's vectorized
+//!   softmax). On x86-64 tract's fused row kernel is absent and its per-row path cost 36 of the
+//!   int8 encoder's ~220 ms (ViT's rows are 197 long), ~6 ns per element.
+//! - **Products of a few rows by a non-constant matrix** ([`FewRowMatMul`]): a decoder step's
+//!   attention, `q·kᵀ` and `p·v` over the cached keys/values. tract packs the right operand at
+//!   every call (it cannot keep a non-constant operand packed), which for one query row costs more
+//!   than the product: ~6 ms per token re-packing the cross-attention keys/values. Here each
+//!   output is a dot product over contiguous memory (`q·kᵀ`) or a sum of contiguous rows
+//!   (`p·v`), reading the operand once, unpacked.
+//!
+//! Accuracy: rten-vecmath's softmax is within 3 ulp of the definition (its own tests); the
+//! products sum in another order than tract's (8 partial sums), a difference of the order of
+//! f32 rounding. `tests/f32_ops.rs` checks both against tract's own operators on random shapes.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+
+/// Which f32 operators to swap (`VITGPT2_F32_OPS=tract` keeps tract's own, for comparison).
+pub fn enabled_from_env() -> bool {
+    std::env::var("VITGPT2_F32_OPS").as_deref() != Ok("tract")
+}
+
+/// Rows known at load below which a product with a non-constant right operand is a
+/// [`FewRowMatMul`] (a decoder step has 1; the encoder's attention has 197).
+const FEW_ROWS: usize = 16;
+
+/// Replaces tract's f32 softmax over the last axis by [`RowSoftmax`] and its f32 products of
+/// fewer than 16 rows by a non-constant matrix by [`FewRowMatMul`]. Run it between tract's
+/// `declutter` and `optimize`. Returns how many nodes it replaced.
+pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let replacement: Option<Box<dyn TypedOp>> = if let Some(sm) = node.op_as::<Softmax>() {
+            let fact = model.outlet_fact(node.inputs[0])?;
+            (sm.kind == SoftmaxKind::Softmax
+                && sm.quant_output_dt.is_none()
+                && fact.datum_type == f32::datum_type()
+                && fact.rank() >= 1
+                && *sm.axes == [fact.rank() - 1])
+                .then(|| Box::new(RowSoftmax) as _)
+        } else if let Some(einsum) = node.op_as::<EinSum>() {
+            FewRowMatMul::plan(model, node, einsum)?.map(|op| Box::new(op) as _)
+        } else {
+            None
+        };
+        let Some(op) = replacement else { continue };
+        let mut patch = TypedModelPatch::new(format!("{} on vitgpt2's f32 ops", node.name));
+        let wires: TVec<OutletId> = node.inputs.iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<_>>()?;
+        let out = patch.wire_node(&node.name, op, &wires)?;
+        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    if done > 0 {
+        model.compact()?;
+    }
+    Ok(done)
+}
+
+/// `y = softmax(x)` over the last axis (f32, any shape, any row length), in place where the
+/// input buffer is not shared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RowSoftmax;
+
+impl Op for RowSoftmax {
+    fn name(&self) -> StaticName {
+        "RowSoftmax".into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for RowSoftmax {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let mut t = args_1!(inputs).into_tensor();
+        let row = *t.shape().last().context("RowSoftmax: scalar input")?;
+        if row > 0 {
+            let mut ram = t.try_as_plain_ram_mut()?;
+            let data = ram.as_slice_mut::<f32>()?;
+            let total = data.len();
+            // tract's helper: rows split across its executor's threads when it has several.
+            tract_linalg::multithread::par_chunks_mut(data, row, total, |_, chunk| {
+                for r in chunk.chunks_exact_mut(row) {
+                    softmax_row(r);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec![t.into_tvalue()])
+    }
+}
+
+/// One row, in place (rten-vecmath, dispatched to the widest SIMD this CPU has).
+pub fn softmax_row(row: &mut [f32]) {
+    use rten_simd::SimdOp;
+    rten_vecmath::Softmax::new_mut(row).dispatch();
+}
+
+impl TypedOp for RowSoftmax {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec![inputs[0].without_value()])
+    }
+    as_op!();
+}
+
+/// `out[batch.., m, n] = Σ_k a[batch.., m, k] · b[batch.., k, n]` for f32 operands whose axes
+/// are given by an `EinSum` (any order), `b` read where it lies, unpacked. Batch axes broadcast
+/// (size 1 on one side, as the cross-attention keys of one image against a beam's queries).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FewRowMatMul {
+    /// Per output axis: its position in a and in b (`None` where absent; neither: a unit axis).
+    out_axes: Vec<(Option<usize>, Option<usize>)>,
+    /// The contracted axis in a and in b.
+    k: (usize, usize),
+    /// The row axis in the output (absent: one row), and the column axis in the output.
+    m_out: Option<usize>,
+    n_out: usize,
+}
+
+impl FewRowMatMul {
+    /// The op for `node` if it is a plain f32 product (one contracted axis, at most one row axis,
+    /// one column axis, every other axis in all three) with a non-constant right operand and
+    /// fewer than [`FEW_ROWS`] rows known at load.
+    fn plan(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Option<Self>> {
+        let facts = model.node_input_facts(node.id)?;
+        if op.q_params.is_some() || facts.len() != 2 || op.operating_dt != f32::datum_type() {
+            return Ok(None);
+        }
+        if facts.iter().any(|f| f.datum_type != f32::datum_type()) || facts[1].konst.is_some() || facts[0].konst.is_some() {
+            return Ok(None);
+        }
+        let (mut contracted, mut rows_axes, mut cols_axes) = (vec![], vec![], vec![]);
+        let mut out_axes = vec![(None, None); op.axes.rank(InOut::Out(0))];
+        for axis in op.axes.iter_all_axes() {
+            let (ia, ib, io) = (&axis.inputs[0], &axis.inputs[1], &axis.outputs[0]);
+            if ia.len() > 1 || ib.len() > 1 || io.len() > 1 {
+                return Ok(None);
+            }
+            match (ia.first(), ib.first(), io.first()) {
+                (Some(&a), Some(&b), None) => contracted.push((a, b)),
+                (Some(&a), None, Some(&o)) => {
+                    rows_axes.push((a, o));
+                    out_axes[o] = (Some(a), None);
+                }
+                (None, Some(&b), Some(&o)) => {
+                    cols_axes.push((b, o));
+                    out_axes[o] = (None, Some(b));
+                }
+                (Some(&a), Some(&b), Some(&o)) => out_axes[o] = (Some(a), Some(b)),
+                // Unit axes tract's declutter leaves on one side only (a one-row query's m axis
+                // in a but not the output of q·kᵀ, or in the output only of p·v).
+                (Some(&a), None, None) if facts[0].shape[a].is_one() => {}
+                (None, Some(&b), None) if facts[1].shape[b].is_one() => {}
+                (None, None, Some(_)) => {}
+                _ => return Ok(None),
+            }
+        }
+        // One contracted, one row and one column axis; any other of these kinds only of size 1
+        // (one head, say; it then indexes like a batch axis). A product over a length-1 axis
+        // (one cached key) is still a product: then any of them serves.
+        fn pick<T: Copy>(v: &[T], unit: impl Fn(&T) -> bool) -> Result<Option<T>, ()> {
+            let mut real = v.iter().filter(|c| !unit(c));
+            let first = real.next();
+            if real.next().is_some() {
+                return Err(());
+            }
+            Ok(first.copied())
+        }
+        let (sa, sb) = (&facts[0].shape, &facts[1].shape);
+        let (Ok(k), Ok(m), Ok(n)) = (
+            pick(&contracted, |&(a, b)| sa[a].is_one() && sb[b].is_one()).map(|k| k.or(contracted.first().copied())),
+            pick(&rows_axes, |&(a, _)| sa[a].is_one()),
+            pick(&cols_axes, |&(b, _)| sb[b].is_one()).map(|n| n.or(cols_axes.first().copied())),
+        ) else {
+            return Ok(None);
+        };
+        let (Some(k), Some((_, n_out))) = (k, n) else { return Ok(None) };
+        // A symbolic row count is the decoder's batch (1, or the beam width): the cross-attention
+        // keys of one image are shared by every sequence, so tract puts the sequences on the
+        // row axis. As in `int8::substitute`, symbols count as 1.
+        let rows = match m {
+            Some((a, _)) => sa[a].to_usize().unwrap_or(1),
+            None => 1,
+        };
+        if rows >= FEW_ROWS {
+            return Ok(None);
+        }
+        Ok(Some(FewRowMatMul { out_axes, k, m_out: m.map(|(_, o)| o), n_out }))
+    }
+}
+
+impl Op for FewRowMatMul {
+    fn name(&self) -> StaticName {
+        "FewRowMatMul".into()
+    }
+    op_as_typed_op!();
+}
+
+/// Strides (in elements) of a row-major shape.
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+impl FewRowMatMul {
+    fn out_shape(&self, a: &[usize], b: &[usize]) -> TractResult<Vec<usize>> {
+        self.out_axes
+            .iter()
+            .map(|&(ia, ib)| match (ia.map(|i| a[i]), ib.map(|i| b[i])) {
+                (Some(x), Some(y)) if x == y || y == 1 => Ok(x),
+                (Some(1), Some(y)) => Ok(y),
+                (Some(x), None) | (None, Some(x)) => Ok(x),
+                (None, None) => Ok(1),
+                (x, y) => bail!("FewRowMatMul: axes of sizes {x:?} and {y:?} do not broadcast"),
+            })
+            .collect()
+    }
+}
+
+impl EvalOp for FewRowMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (a, b) = args_2!(inputs);
+        let (sa, sb) = (a.shape(), b.shape());
+        let kd = sa[self.k.0];
+        ensure!(sb[self.k.1] == kd, "FewRowMatMul: contracted sizes {} and {}", kd, sb[self.k.1]);
+        let shape = self.out_shape(sa, sb)?;
+        let (st_a, st_b, st_o) = (strides(sa), strides(sb), strides(&shape));
+        let (a, b) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
+        let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
+        let mut out = vec![0f32; shape.iter().product()];
+        // Strides along k in a and b, along n in b and out, along m in a and out.
+        let (ka, kb) = (st_a[self.k.0], st_b[self.k.1]);
+        let nd = shape[self.n_out];
+        let n_b = self.out_axes[self.n_out].1.context("n axis")?;
+        let (nb, no) = (st_b[n_b], st_o[self.n_out]);
+        let (md, ma, mo) = match self.m_out {
+            Some(o) => (shape[o], st_a[self.out_axes[o].0.context("m axis")?], st_o[o]),
+            None => (1, 0, 0),
+        };
+        // Batch axes: (size, stride in a or 0 when broadcast, same in b, stride in out).
+        let batch: Vec<(usize, usize, usize, usize)> = (0..shape.len())
+            .filter(|&o| o != self.n_out && Some(o) != self.m_out)
+            .map(|o| {
+                let (ia, ib) = self.out_axes[o];
+                let sa_ = ia.filter(|&i| sa[i] > 1).map_or(0, |i| st_a[i]);
+                let sb_ = ib.filter(|&i| sb[i] > 1).map_or(0, |i| st_b[i]);
+                (shape[o], sa_, sb_, st_o[o])
+            })
+            .collect();
+        let count: usize = batch.iter().map(|b| b.0).product();
+        for flat in 0..count {
+            let (mut oa, mut ob, mut oo, mut rest) = (0, 0, 0, flat);
+            for &(size, s_a, s_b, s_o) in batch.iter().rev() {
+                let i = rest % size;
+                rest /= size;
+                oa += i * s_a;
+                ob += i * s_b;
+                oo += i * s_o;
+            }
+            for mi in 0..md {
+                let (oa, oo) = (oa + mi * ma, oo + mi * mo);
+                if kb == 1 && ka == 1 {
+                    // q·kᵀ: each output a dot product of two contiguous rows.
+                    let q = &a[oa..oa + kd];
+                    for ni in 0..nd {
+                        let off = ob + ni * nb;
+                        out[oo + ni * no] = dot(q, &b[off..off + kd]);
+                    }
+                } else if nb == 1 && no == 1 {
+                    // p·v: the output row a sum of contiguous rows of b.
+                    let row = &mut out[oo..oo + nd];
+                    for ki in 0..kd {
+                        let w = a[oa + ki * ka];
+                        let off = ob + ki * kb;
+                        row.iter_mut().zip(&b[off..off + nd]).for_each(|(o, &v)| *o += w * v);
+                    }
+                } else {
+                    for ni in 0..nd {
+                        out[oo + ni * no] = (0..kd).map(|ki| a[oa + ki * ka] * b[ob + ni * nb + ki * kb]).sum();
+                    }
+                }
+            }
+        }
+        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(shape, out)?.into_tensor().into_tvalue()])
+    }
+}
+
+/// `Σ x·y` in 8 partial sums (so the compiler vectorizes it; the order differs from a serial
+/// sum by f32 rounding only).
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (xs, ys) in xc.zip(yc) {
+        for i in 0..8 {
+            acc[i] += xs[i] * ys[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl TypedOp for FewRowMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let (a, b) = (inputs[0], inputs[1]);
+        let shape: TVec<TDim> = self
+            .out_axes
+            .iter()
+            .map(|&(ia, ib)| match (ia.map(|i| &a.shape[i]), ib.map(|i| &b.shape[i])) {
+                (Some(x), Some(y)) if y.is_one() => x.clone(),
+                (Some(x), Some(y)) if x.is_one() => y.clone(),
+                (Some(x), _) => x.clone(),
+                (None, Some(y)) => y.clone(),
+                (None, None) => TDim::from(1),
+            })
+            .collect();
+        Ok(tvec![f32::fact(shape)])
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let out = self.output_facts(inputs)?;
+        let k = inputs[0].shape[self.k.0].clone();
+        Ok(tvec![(Cost::FMA(f32::datum_type()), out[0].shape.volume() * k)])
+    }
+
+    as_op!();
+}

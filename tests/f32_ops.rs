@@ -1,0 +1,133 @@
+//! The f32 operators swapped at load (`runtime::f32_ops`) against tract's own and the
+//! definition (f64): attention `softmax(q·kᵀ)·v` with few and many query rows, broadcast batch
+//! (one image's cross-attention keys against a beam's queries), odd row lengths. Each case also
+//! checks how many nodes were swapped, so a comparison cannot pass by comparing tract with itself.
+#![cfg(feature = "host")]
+
+use tract_onnx::pb::tensor_proto::DataType;
+use tract_onnx::prelude::*;
+use vitgpt2::export::onnx::{Attr, Dim, GraphBuilder};
+use vitgpt2::rng::SplitMix;
+use vitgpt2::runtime::graph::{optimize_with, Int8Gemm};
+
+struct Case {
+    /// Query batch, key/value batch (1 or the same), heads, query rows, key rows, head size.
+    b: usize,
+    bk: usize,
+    h: usize,
+    m: usize,
+    n: usize,
+    d: usize,
+    /// The query batch symbolic in the graph (as the decoder's beam), `b` at run time.
+    sym: bool,
+}
+
+fn random(rng: &mut SplitMix, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale).collect()
+}
+
+/// `softmax(q·kᵀ)·v` as ONNX (MatMul, Transpose, Softmax(axis -1), MatMul); returns
+/// (swapped nodes, output with the swap, output without, the definition).
+fn run_case(c: &Case, seed: u64) -> (usize, Vec<f32>, Vec<f32>, Vec<f64>) {
+    let mut rng = SplitMix::new(seed);
+    let mut g = GraphBuilder::new("attention");
+    let fixed = |v: &[usize]| v.iter().map(|&x| Dim::Fixed(x)).collect::<Vec<_>>();
+    let mut q_dims = fixed(&[c.b, c.h, c.m, c.d]);
+    if c.sym {
+        q_dims[0] = Dim::Sym("B");
+    }
+    let q = g.input("q", DataType::Float, &q_dims);
+    let k = g.input("k", DataType::Float, &fixed(&[c.bk, c.h, c.n, c.d]));
+    let v = g.input("v", DataType::Float, &fixed(&[c.bk, c.h, c.n, c.d]));
+    let kt = g.node("Transpose", &[&k], vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))]);
+    let s = g.node("MatMul", &[&q, &kt], vec![]);
+    let p = g.node("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
+    let y = g.node("MatMul", &[&p, &v], vec![]);
+    g.output(&y, "y", DataType::Float, &q_dims);
+    let proto = g.finish("f32 ops check", &[]);
+    let model = tract_onnx::onnx().model_for_proto_model(&proto).expect("tract parses the graph");
+
+    // Scores of a few units, as in attention after the 1/√d scale.
+    let (qv, kv, vv) = (random(&mut rng, c.b * c.h * c.m * c.d, 1.0), random(&mut rng, c.bk * c.h * c.n * c.d, 1.0), random(&mut rng, c.bk * c.h * c.n * c.d, 1.0));
+    let values: TVec<TValue> = tvec![
+        Tensor::from_shape(&[c.b, c.h, c.m, c.d], &qv).unwrap().into_tvalue(),
+        Tensor::from_shape(&[c.bk, c.h, c.n, c.d], &kv).unwrap().into_tvalue(),
+        Tensor::from_shape(&[c.bk, c.h, c.n, c.d], &vv).unwrap().into_tvalue(),
+    ];
+    let mut naive = vec![0f64; c.b * c.h * c.m * c.d];
+    for bi in 0..c.b {
+        let bk = if c.bk == 1 { 0 } else { bi };
+        for hi in 0..c.h {
+            let kvo = (bk * c.h + hi) * c.n * c.d;
+            for mi in 0..c.m {
+                let qo = ((bi * c.h + hi) * c.m + mi) * c.d;
+                let s: Vec<f64> = (0..c.n).map(|j| (0..c.d).map(|l| qv[qo + l] as f64 * kv[kvo + j * c.d + l] as f64).sum()).collect();
+                let max = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for l in 0..c.d {
+                    naive[qo + l] = (0..c.n).map(|j| e[j] / sum * vv[kvo + j * c.d + l] as f64).sum();
+                }
+            }
+        }
+    }
+    let run = |swap: bool| {
+        let (typed, _) = optimize_with(model.clone(), Int8Gemm::Tract, swap).expect("optimizes");
+        let swapped = typed.nodes().iter().filter(|n| matches!(&*n.op().name(), "RowSoftmax" | "FewRowMatMul")).count();
+        let out = typed.into_runnable().expect("runnable").run(values.clone()).expect("runs");
+        (swapped, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect::<Vec<_>>())
+    };
+    let (swapped, ours) = run(true);
+    let (none, tract) = run(false);
+    assert_eq!(none, 0);
+    (swapped, ours, tract, naive)
+}
+
+#[test]
+fn attention_on_the_swapped_ops_matches_tract_and_the_definition() {
+    let cases = [
+        // A decoder step's cross-attention: 1 query row, 197 keys, keys of one image for a beam of 4.
+        Case { b: 4, bk: 1, h: 3, m: 1, n: 197, d: 64, sym: false },
+        Case { b: 4, bk: 1, h: 3, m: 1, n: 197, d: 64, sym: true },
+        Case { b: 2, bk: 1, h: 1, m: 1, n: 9, d: 5, sym: true },
+        // Self-attention over the cache: batch on both sides, odd lengths.
+        Case { b: 2, bk: 2, h: 2, m: 1, n: 1, d: 64, sym: false },
+        Case { b: 3, bk: 3, h: 1, m: 3, n: 31, d: 17, sym: false },
+        Case { b: 1, bk: 1, h: 2, m: 15, n: 5, d: 8, sym: false },
+        // The encoder's: many rows, softmax only.
+        Case { b: 1, bk: 1, h: 2, m: 197, n: 197, d: 64, sym: false },
+        Case { b: 1, bk: 1, h: 1, m: 16, n: 3, d: 7, sym: false },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let (swapped, ours, tract, naive) = run_case(c, 100 + i as u64);
+        // Softmax always; both products only under 16 query rows.
+        let want = if c.m < 16 { 3 } else { 1 };
+        assert_eq!(swapped, want, "case {i}: swapped nodes");
+        // Outputs are convex combinations of values in [-1, 1]: absolute errors. Both f32 paths
+        // stay within 1.3e-6 of the f64 definition on these cases (197 keys of 64 terms the
+        // worst); 4e-6 leaves 3× for another CPU's kernels. A wrong row length, axis or
+        // broadcast is off by ~1e-1.
+        let err = |x: &[f32]| x.iter().zip(&naive).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        let (e_ours, e_tract) = (err(&ours), err(&tract));
+        eprintln!("case {i}: max |ours − definition| = {e_ours:.2e}, |tract − definition| = {e_tract:.2e}");
+        assert!(e_ours < 4e-6, "case {i}: swapped ops off the definition by {e_ours}");
+        assert!(e_tract < 4e-6, "case {i}: tract off the definition by {e_tract}");
+    }
+}
+
+#[test]
+fn softmax_rows_of_every_length_match_the_definition() {
+    let mut rng = SplitMix::new(3);
+    for len in 1..=70 {
+        let x = random(&mut rng, len, 8.0);
+        let mut y = x.clone();
+        vitgpt2::runtime::f32_ops::softmax_row(&mut y);
+        let max = x.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+        for (a, b) in y.iter().zip(&x) {
+            let want = (*b as f64 - max).exp() / sum;
+            // rten-vecmath documents ≤ 3 ulp; 1e-6 relative (≈ 8 ulp) leaves room for the sum.
+            assert!((*a as f64 - want).abs() <= 1e-6 * want + 1e-12, "len {len}: {a} vs {want}");
+        }
+    }
+}
