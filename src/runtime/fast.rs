@@ -61,19 +61,23 @@ impl FastRuntime {
             }
             v
         };
-        // The two graphs load on two threads: parsing, tract's declutter and optimizer and the
-        // weight layouts are per graph, and a watchdog restart waits for the slower one only
-        // (measured in README "Performance": cold start).
+        // One after the other by default; `VITGPT2_PARALLEL_LOAD=1` loads them on two threads.
+        // Measured (README "Performance"): in parallel a restart captions ~0.25 s sooner but
+        // peaks ~95 MiB higher (both graphs' transient copies at once, in two malloc arenas).
         let enc_specs = |_: &InferenceModel| vec![InputSpec::new(tensor::PIXEL_VALUES, f32::datum_type(), [1, 3, h, w].map(TDim::from).to_vec())];
-        let (encoder, decoder_step) = std::thread::scope(|scope| {
-            let dec = std::thread::Builder::new()
-                .name("vitgpt2-load".into())
-                .spawn_scoped(scope, || Graph::load(decoder_step, specs, &dec_outputs))
-                .map_err(|e| Error::runtime("load", format!("cannot start a loading thread: {e}")))?;
-            let enc = Graph::load(encoder, enc_specs, &enc_outputs);
-            let dec = dec.join().map_err(|_| Error::runtime("load", "the thread loading the decoder graph panicked"))?;
-            Ok::<_, Error>((enc?, dec?))
-        })?;
+        let (encoder, decoder_step) = if std::env::var("VITGPT2_PARALLEL_LOAD").as_deref() != Ok("1") {
+            (Graph::load(encoder, enc_specs, &enc_outputs)?, Graph::load(decoder_step, specs, &dec_outputs)?)
+        } else {
+            std::thread::scope(|scope| {
+                let dec = std::thread::Builder::new()
+                    .name("vitgpt2-load".into())
+                    .spawn_scoped(scope, || Graph::load(decoder_step, specs, &dec_outputs))
+                    .map_err(|e| Error::runtime("load", format!("cannot start a loading thread: {e}")))?;
+                let enc = Graph::load(encoder, enc_specs, &enc_outputs);
+                let dec = dec.join().map_err(|_| Error::runtime("load", "the thread loading the decoder graph panicked"))?;
+                Ok::<_, Error>((enc?, dec?))
+            })?
+        };
         decoder_step.check_last_dim(tensor::LOGITS, cfg.decoder.vocab_size, "entries but config.json says vocab_size =")?;
         Ok(FastRuntime { dtype, encoder, decoder_step, heads, head_dim, past_names, cross_names, present_names })
     }

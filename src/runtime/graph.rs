@@ -167,10 +167,12 @@ impl Graph {
             }
         })?;
         if int8_products > 0 {
-            tracing::debug!(graph = %path.display(), int8_products, kernel = int8::kernel().unwrap_or("-"), "int8 products on rten-gemm");
+            tracing::debug!(graph = %path.display(), int8_products, kernel = int8::kernel(), "int8 products on rten-gemm");
         }
         fold_constant_packs(&mut typed).map_err(|e| Error::bundle(path, chain(&e)))?;
         let plan = typed.into_runnable().map_err(|e| Error::bundle(path, chain(&e)))?;
+        // Before the next graph loads (or while it loads on the other thread, see `fast`).
+        super::release_freed_heap();
         Ok(Graph { path: path.to_path_buf(), plan, inputs: input_names, outputs: output_names, int8_products })
     }
 

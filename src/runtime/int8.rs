@@ -39,13 +39,11 @@ fn executor() -> &'static GemmExecutor<u8, i8, i32> {
 
 /// The rten-gemm kernel products run on here (e.g. `x86_64-u8i8i32-avx512`); one that can
 /// saturate (AVX2 without VNNI) runs each product as two exact ones (see [`Int8MatMul`]'s eval),
-/// which the name says. `None` where [`substitute`] leaves the products to tract (no platform
-/// today; kept so callers need not change if one appears).
-pub fn kernel() -> Option<&'static str> {
+/// which the name says.
+pub fn kernel() -> &'static str {
     static NAME: OnceLock<String> = OnceLock::new();
     let gemm = executor();
-    let name = NAME.get_or_init(|| if gemm.may_saturate() { format!("{} (7-bit split, exact)", gemm.kernel_name()) } else { gemm.kernel_name().to_string() });
-    Some(name.as_str())
+    NAME.get_or_init(|| if gemm.may_saturate() { format!("{} (7-bit split, exact)", gemm.kernel_name()) } else { gemm.kernel_name().to_string() })
 }
 
 static THREADS: AtomicUsize = AtomicUsize::new(1);
@@ -153,7 +151,7 @@ impl Int8MatMul {
     /// The kernel this product runs on.
     fn kernel(&self) -> &'static str {
         match self.weights {
-            Weights::Packed(_) => kernel().unwrap_or("rten-gemm"),
+            Weights::Packed(_) => kernel(),
             Weights::Gemv(_) => int8_gemv::kernel_name(),
         }
     }
@@ -269,16 +267,13 @@ impl TypedOp for Int8MatMul {
 
 /// Replaces every int8 product of a decluttered model that rten-gemm can compute exactly
 /// (quantized `EinSum`, i32 out, constant right operand, unit scales, scalar left zero point,
-/// scalar or per-column right zero point) by an [`Int8MatMul`]. Returns how many it replaced
-/// (0 where [`kernel`] is `None`). Run it between tract's `declutter` and `optimize`.
+/// scalar or per-column right zero point) by an [`Int8MatMul`]. Returns how many it replaced.
+/// Run it between tract's `declutter` and `optimize`.
 ///
 /// With `few_rows`, products whose rows are known at load to be fewer than 16 (apart from
 /// symbolic batch and sequence sizes: a decoder step's one row per sequence) run on
 /// [`GemvWeights`] where the CPU has AVX-512 VNNI or AVX2; all others on rten-gemm.
 pub fn substitute(model: &mut TypedModel, few_rows: bool) -> TractResult<usize> {
-    if kernel().is_none() {
-        return Ok(0);
-    }
     let mut done = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
