@@ -20,6 +20,8 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
+use super::graph::swap_node;
+
 /// Which f32 operators to swap (`VITGPT2_F32_OPS=tract` keeps tract's own, for comparison).
 pub fn enabled_from_env() -> bool {
     std::env::var("VITGPT2_F32_OPS").as_deref() != Ok("tract")
@@ -50,11 +52,8 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
             None
         };
         let Some(op) = replacement else { continue };
-        let mut patch = TypedModelPatch::new(format!("{} on vitgpt2's f32 ops", node.name));
-        let wires: TVec<OutletId> = node.inputs.iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<_>>()?;
-        let out = patch.wire_node(&node.name, op, &wires)?;
-        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
-        patch.apply(model)?;
+        let inputs = node.inputs.clone();
+        swap_node(model, id, op, &inputs)?;
         done += 1;
     }
     if done > 0 {

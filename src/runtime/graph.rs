@@ -309,6 +309,18 @@ pub fn fold_constant_packs(model: &mut TypedModel) -> TractResult<usize> {
     Ok(folded)
 }
 
+/// Replaces node `id`'s first output by `op` wired to `inputs` (outlets of `model`); the node
+/// itself goes at the next `compact`. The one way the load-time substitutions (`int8`,
+/// `f32_ops`) rewrite a graph.
+pub(crate) fn swap_node(model: &mut TypedModel, id: usize, op: impl Into<Box<dyn TypedOp>>, inputs: &[OutletId]) -> TractResult<()> {
+    let name = model.node(id).name.clone();
+    let mut patch = TypedModelPatch::new(format!("{name} swapped at load"));
+    let wires: TVec<OutletId> = inputs.iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<_>>()?;
+    let out = patch.wire_node(&name, op, &wires)?;
+    patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
+    patch.apply(model)
+}
+
 /// The operator of tract's "Translating node #N \"name\" Op ToTypedTranslator" error, if that is
 /// what failed.
 fn failing_op(msg: &str) -> Option<String> {

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, GemmUninitOptions, PackedBMatrix, QuantParams};
 use rten_tensor::{Matrix, NdTensorView};
 
+use super::graph::swap_node;
 use super::int8_gemv::{self, GemvWeights};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -279,14 +280,11 @@ pub fn substitute(model: &mut TypedModel, few_rows: bool) -> TractResult<usize> 
         let node = model.node(id);
         let Some(einsum) = node.op_as::<EinSum>() else { continue };
         let Some(plan) = plan_for(model, node, einsum, few_rows)? else { continue };
-        let mut patch = TypedModelPatch::new(format!("int8 product {} on rten-gemm", node.name));
-        let mut wires = tvec![patch.tap_model(model, node.inputs[0])?];
+        let mut inputs = vec![node.inputs[0]];
         if plan.a_zero == LeftZero::Input {
-            wires.push(patch.tap_model(model, node.inputs[3])?);
+            inputs.push(node.inputs[3]);
         }
-        let out = patch.wire_node(&node.name, plan, &wires)?;
-        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
-        patch.apply(model)?;
+        swap_node(model, id, plan, &inputs)?;
         done += 1;
     }
     if done > 0 {
