@@ -119,7 +119,10 @@ fn int8_products_equal_tracts_matmul_integer() {
     // Rows < 16 run on the few-row kernel (AVX-512 VNNI or AVX2) where the CPU has it (Auto), in groups
     // of 4 rows and 64 columns (so 5, 9 and 15 rows, 65 and 257 columns: partial groups).
     let few_row = vitgpt2::runtime::int8_gemv::available();
-    eprintln!("few-row kernel: {}", if few_row { "avx512-vnni" } else { "none on this CPU (rten-gemm for all)" });
+    eprintln!("few-row kernel: {}", if few_row { vitgpt2::runtime::int8_gemv::kernel_name() } else { "none on this CPU (rten-gemm for all)" });
+    // Rows ≥ 16 run on int8_gemv's i16 tiles where rten-gemm's kernel saturates (AVX2 without VNNI).
+    let tiles = vitgpt2::runtime::int8::tiles_available();
+    eprintln!("many-row kernel: {}", if tiles { "avx2 i16 tiles" } else { kernel });
     let shapes = [(1, 1, 1), (1, 64, 33), (3, 5, 7), (17, 77, 130), (197, 768, 65), (2, 300, 3), (4, 17, 257), (65, 3, 2), (31, 2, 40), (5, 768, 130), (9, 31, 64), (15, 3072, 65), (1, 768, 1000)];
     let mut seed = 7;
     let mut checked = 0;
@@ -128,8 +131,9 @@ fn int8_products_equal_tracts_matmul_integer() {
             for zero in [Zero::None, Zero::Const, Zero::Varying] {
                 seed += 1;
                 let c = Case { m, k, n, a_signed, b_signed, zero };
-                // Auto, then rten-gemm alone (the same as Auto where rows ≥ 16: done once).
-                let gemms: &[Int8Gemm] = if m < 16 && few_row { &[Int8Gemm::Auto, Int8Gemm::Rten] } else { &[Int8Gemm::Auto] };
+                // Auto, then rten-gemm alone where Auto is not rten-gemm.
+                let ours = if m < 16 { few_row } else { tiles };
+                let gemms: &[Int8Gemm] = if ours { &[Int8Gemm::Auto, Int8Gemm::Rten] } else { &[Int8Gemm::Auto] };
                 for &gemm in gemms {
                     let (substituted, rten, tract, naive) = run_case(&c, seed, gemm);
                     let what = format!("{gemm:?} m={m} k={k} n={n} a {} b {} zero points {zero:?}", if a_signed { "i8" } else { "u8" }, if b_signed { "i8" } else { "u8" });
@@ -143,13 +147,13 @@ fn int8_products_equal_tracts_matmul_integer() {
             }
         }
     }
-    let few = shapes.iter().filter(|s| s.0 < 16).count();
-    assert_eq!(checked, (shapes.len() + if few_row { few } else { 0 }) * 12);
+    let twice = shapes.iter().filter(|s| if s.0 < 16 { few_row } else { tiles }).count();
+    assert_eq!(checked, (shapes.len() + twice) * 12);
 
-    // Two threads: the pool shared with tract and rten-gemm's parallel blocks (rows ≥ 16); the
-    // few-row kernel stays on the calling thread.
+    // Two threads: the pool shared with tract and rten-gemm's parallel blocks or the tiles' row
+    // halves (rows ≥ 16); the few-row kernel stays on the calling thread.
     vitgpt2::runtime::set_threads(2);
-    for &(m, k, n) in &[(197, 768, 65), (64, 300, 257), (1, 768, 1400), (4, 1024, 1100)] {
+    for &(m, k, n) in &[(197, 768, 65), (64, 300, 257), (1, 768, 1400), (4, 1024, 1100), (37, 3072, 70)] {
         for zero in [Zero::None, Zero::Varying] {
             seed += 1;
             let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed: false, b_signed: true, zero }, seed, Int8Gemm::Auto);

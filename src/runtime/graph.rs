@@ -27,8 +27,9 @@ pub struct Graph {
 /// [`int8::substitute`]; the comparison in README "Performance" is made by switching this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Gemm {
-    /// [`int8::substitute`]: few-row products (decoder steps) on the AVX-512 VNNI kernel of
-    /// `int8_gemv` where the CPU has it, the others on rten-gemm, where its kernel is exact.
+    /// [`int8::substitute`]: few-row products (decoder steps) on `int8_gemv`'s kernels where the
+    /// CPU has AVX-512 VNNI or AVX2, the others on rten-gemm — or on `int8_gemv`'s i16 tiles
+    /// where rten-gemm's kernel saturates (AVX2 without VNNI).
     Auto,
     /// rten-gemm for every product (as before the few-row kernel; for comparison).
     Rten,

@@ -1,4 +1,5 @@
-//! The int8 matrix products of a graph on rten-gemm, inside tract (issue #15).
+//! The int8 matrix products of a graph on rten-gemm and our own kernels ([`int8_gemv`]),
+//! inside tract (issue #15).
 //!
 //! tract turns ONNX `MatMulInteger` (our fast layout's int8 linears, and the
 //! `DynamicQuantizeLinear` → `MatMulInteger` pairs of onnxruntime's and Optimum's quantized
@@ -13,7 +14,8 @@
 //! u8 and the right as i8, so an i8 left operand is shifted by +128 (xor 0x80) with its zero
 //! point shifted alike, and a u8 right operand by −128, which changes neither difference. The
 //! one kernel that can round (x86-64 AVX2 without VNNI, whose `vpmaddubsw` saturates pairs of
-//! products to i16) gets the left operand in two 7-bit parts, each exact (see the eval); tract's
+//! products to i16) gets the left operand in two 7-bit parts, each exact (see the eval) — and
+//! where our i16 tiles run ([`tiles_available`]), one exact pass in their place; tract's
 //! own int8 kernel there (`avx2_mmm_i32_8x8`) measured ~0.5 GMAC/s on an AMD EPYC (Zen 3), 37 s
 //! per encoder, 70× slower than the same model in f32. `tests/int8_gemm.rs` checks
 //! equality with tract's own `MatMulInteger` on random shapes, odd edge sizes and every
@@ -45,6 +47,12 @@ pub fn kernel() -> &'static str {
     static NAME: OnceLock<String> = OnceLock::new();
     let gemm = executor();
     NAME.get_or_init(|| if gemm.may_saturate() { format!("{} (7-bit split, exact)", gemm.kernel_name()) } else { gemm.kernel_name().to_string() })
+}
+
+/// Whether products of many rows run on [`GemvWeights::gemm_tiles`] rather than rten-gemm:
+/// where rten-gemm's kernel saturates (x86-64 AVX2 without VNNI) and so needs two passes.
+pub fn tiles_available() -> bool {
+    executor().may_saturate() && int8_gemv::available()
 }
 
 static THREADS: AtomicUsize = AtomicUsize::new(1);
@@ -114,6 +122,9 @@ enum Weights {
     Packed(Arc<PackedBMatrix<i8>>),
     /// [`GemvWeights`] (products of a few rows: decoder steps).
     Gemv(Arc<GemvWeights>),
+    /// The same layout for many rows on AVX2 without VNNI ([`GemvWeights::gemm_tiles`], one
+    /// exact pass where rten-gemm needs two).
+    Tiles(Arc<GemvWeights>),
 }
 
 #[derive(Clone)]
@@ -140,7 +151,7 @@ impl PartialEq for Int8MatMul {
     fn eq(&self, other: &Self) -> bool {
         let same = match (&self.weights, &other.weights) {
             (Weights::Packed(a), Weights::Packed(b)) => Arc::ptr_eq(a, b),
-            (Weights::Gemv(a), Weights::Gemv(b)) => Arc::ptr_eq(a, b),
+            (Weights::Gemv(a), Weights::Gemv(b)) | (Weights::Tiles(a), Weights::Tiles(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
         same && self.a_signed == other.a_signed && self.a_zero == other.a_zero
@@ -154,6 +165,7 @@ impl Int8MatMul {
         match self.weights {
             Weights::Packed(_) => kernel(),
             Weights::Gemv(_) => int8_gemv::kernel_name(),
+            Weights::Tiles(_) => "avx2 i16 tiles (vitgpt2, exact)",
         }
     }
 }
@@ -204,6 +216,11 @@ impl EvalOp for Int8MatMul {
                 // got slower here (19 → 27 ms; the LM head alone split: 23–24 ms, beam 4 1.5×
                 // slower), the workers' wake-ups costing more than the second core's bandwidth.
                 w.gemm(a_u8, m, a0, &mut out);
+                tract_ndarray::ArrayD::from_shape_vec(&*out_shape, out)?.into_tensor()
+            }
+            Weights::Tiles(w) => {
+                let mut out = vec![0i32; m * self.n];
+                with_threads(m, || w.gemm_tiles(a_u8, m, a0, &mut out));
                 tract_ndarray::ArrayD::from_shape_vec(&*out_shape, out)?.into_tensor()
             }
             Weights::Packed(packed) => {
@@ -271,15 +288,16 @@ impl TypedOp for Int8MatMul {
 /// scalar or per-column right zero point) by an [`Int8MatMul`]. Returns how many it replaced.
 /// Run it between tract's `declutter` and `optimize`.
 ///
-/// With `few_rows`, products whose rows are known at load to be fewer than 16 (apart from
+/// With `ours`, products whose rows are known at load to be fewer than 16 (apart from
 /// symbolic batch and sequence sizes: a decoder step's one row per sequence) run on
-/// [`GemvWeights`] where the CPU has AVX-512 VNNI or AVX2; all others on rten-gemm.
-pub fn substitute(model: &mut TypedModel, few_rows: bool) -> TractResult<usize> {
+/// [`GemvWeights`] where the CPU has AVX-512 VNNI or AVX2, and the others on its i16 tiles
+/// where rten-gemm's kernel saturates ([`tiles_available`]); all others on rten-gemm.
+pub fn substitute(model: &mut TypedModel, ours: bool) -> TractResult<usize> {
     let mut done = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(einsum) = node.op_as::<EinSum>() else { continue };
-        let Some(plan) = plan_for(model, node, einsum, few_rows)? else { continue };
+        let Some(plan) = plan_for(model, node, einsum, ours)? else { continue };
         let mut inputs = vec![node.inputs[0]];
         if plan.a_zero == LeftZero::Input {
             inputs.push(node.inputs[3]);
@@ -301,7 +319,7 @@ fn on_n_axis(op: &EinSum, slot: usize) -> bool {
 }
 
 /// The [`Int8MatMul`] for `node`, if it is a product this module computes exactly.
-fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum, few_rows: bool) -> TractResult<Option<Int8MatMul>> {
+fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum, ours: bool) -> TractResult<Option<Int8MatMul>> {
     let facts = model.node_input_facts(node.id)?;
     if model.outlet_fact(OutletId::new(node.id, 0))?.datum_type != i32::datum_type() || !(facts.len() == 9 || facts.len() == 2) {
         return Ok(None);
@@ -386,8 +404,10 @@ fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum, few_rows: bool) -
     let strides: Vec<usize> = (0..rb).map(|i| b_const.shape()[i + 1..].iter().product()).collect();
     // Rows known at load: the product of a's concrete leading dims (symbols count as 1).
     let known_rows: usize = a.shape.iter().take(ra - 1).filter_map(|d| d.to_usize().ok()).product();
-    let weights = if few_rows && known_rows < PARALLEL_MIN_ROWS && int8_gemv::available() {
+    let weights = if ours && known_rows < PARALLEL_MIN_ROWS && int8_gemv::available() {
         Weights::Gemv(Arc::new(GemvWeights::new(kd, nd, &b_i8, strides[kb], strides[nb])))
+    } else if ours && tiles_available() {
+        Weights::Tiles(Arc::new(GemvWeights::new(kd, nd, &b_i8, strides[kb], strides[nb])))
     } else {
         let b_view: Matrix<i8> = NdTensorView::from_data_with_strides([kd, nd], &b_i8[..], [strides[kb], strides[nb]])
             .map_err(|e| format_err!("Int8MatMul: right operand layout: {e:?}"))?;
