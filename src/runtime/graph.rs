@@ -19,7 +19,7 @@ pub struct Graph {
     plan: Arc<TypedRunnableModel>,
     inputs: Vec<String>,
     outputs: Vec<String>,
-    /// Int8 products running on rten-gemm ([`int8`]).
+    /// Int8 products substituted by [`int8`] (rten-gemm or `int8_gemv`).
     int8_products: usize,
 }
 
@@ -59,6 +59,7 @@ pub fn optimize(model: InferenceModel, gemm: Int8Gemm) -> TractResult<(TypedMode
 pub fn optimize_with(model: InferenceModel, gemm: Int8Gemm, swap_f32: bool) -> TractResult<(TypedModel, usize)> {
     let t0 = std::time::Instant::now();
     let mut typed = model.into_typed()?;
+    let typed_at = std::time::Instant::now();
     typed.declutter()?;
     let t1 = std::time::Instant::now();
     let n = match gemm {
@@ -70,7 +71,7 @@ pub fn optimize_with(model: InferenceModel, gemm: Int8Gemm, swap_f32: bool) -> T
     let t2 = std::time::Instant::now();
     typed.optimize()?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
-    tracing::debug!(f32_ops, declutter_ms = ms(t0, t1), int8_ms = ms(t1, t2), optimize_ms = ms(t2, std::time::Instant::now()), "graph optimized");
+    tracing::debug!(f32_ops, typing_ms = ms(t0, typed_at), declutter_ms = ms(typed_at, t1), int8_ms = ms(t1, t2), optimize_ms = ms(t2, std::time::Instant::now()), "graph optimized");
     Ok((typed, n))
 }
 
@@ -108,20 +109,22 @@ impl Graph {
     /// relative to its folder; errors name it).
     pub fn from_proto(
         path: &Path,
-        proto: ModelProto,
+        mut proto: ModelProto,
         specs: impl FnOnce(&InferenceModel) -> Vec<InputSpec>,
         outputs: &[String],
     ) -> Result<Self> {
         let dir = path.parent().and_then(|d| d.to_str());
-        let parsed = tract_onnx::onnx()
-            .with_ignore_value_info(true)
-            .parse(&proto, dir)
-            .map_err(|e| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {}", chain(&e))))?;
-        if !parsed.unresolved_inputs.is_empty() {
-            return Err(Error::bundle(path, format!("the graph uses values it never defines: {:?}", parsed.unresolved_inputs)));
-        }
+        let t0 = std::time::Instant::now();
+        let unreadable = |e: TractError| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {}", chain(&e)));
+        let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+        let weights = take_initializers(&onnx, &mut proto, dir).map_err(unreadable)?;
+        let parsed = onnx.parse(&proto, dir).map_err(unreadable)?;
         drop(proto);
         let mut model = parsed.model;
+        let unresolved = attach_initializers(&mut model, parsed.unresolved_inputs, weights).map_err(unreadable)?;
+        if !unresolved.is_empty() {
+            return Err(Error::bundle(path, format!("the graph uses values it never defines: {unresolved:?}")));
+        }
         let specs = specs(&model);
         let input_names: Vec<String> = model
             .input_outlets()
@@ -159,6 +162,7 @@ impl Graph {
             let fact = InferenceFact::dt_shape(spec.dtype, spec.shape.clone());
             model.set_input_fact(ix, fact).map_err(|e| Error::bundle(path, chain(&e)))?;
         }
+        let t1 = std::time::Instant::now();
         let (mut typed, int8_products) = optimize(model, Int8Gemm::from_env()).map_err(|e| {
             let msg = chain(&e);
             match failing_op(&msg) {
@@ -168,10 +172,13 @@ impl Graph {
             }
         })?;
         if int8_products > 0 {
-            tracing::debug!(graph = %path.display(), int8_products, kernel = int8::kernel(), "int8 products on rten-gemm");
+            tracing::debug!(graph = %path.display(), int8_products, kernels = int8::kernels(), "int8 products substituted");
         }
+        let t2 = std::time::Instant::now();
         fold_constant_packs(&mut typed).map_err(|e| Error::bundle(path, chain(&e)))?;
         let plan = typed.into_runnable().map_err(|e| Error::bundle(path, chain(&e)))?;
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        tracing::debug!(graph = %path.display(), parse_ms = ms(t0, t1), passes_ms = ms(t1, t2), plan_ms = ms(t2, std::time::Instant::now()), "graph loaded");
         // Before the next graph loads (or while it loads on the other thread, see `fast`).
         super::release_freed_heap();
         Ok(Graph { path: path.to_path_buf(), plan, inputs: input_names, outputs: output_names, int8_products })
@@ -181,7 +188,7 @@ impl Graph {
         &self.path
     }
 
-    /// How many of the graph's int8 products run on rten-gemm.
+    /// How many of the graph's int8 products [`int8`] substituted (rten-gemm or `int8_gemv`).
     pub fn int8_products(&self) -> usize {
         self.int8_products
     }
@@ -320,6 +327,47 @@ pub(crate) fn swap_node(model: &mut TypedModel, id: usize, op: impl Into<Box<dyn
     let out = patch.wire_node(&name, op, &wires)?;
     patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
     patch.apply(model)
+}
+
+/// The graph's initializers (weights) as tensors, taken out of `proto`, each one's protobuf bytes
+/// freed as soon as its tensor is made: tract's own parse holds every weight twice (protobuf and
+/// tensor) until it returns, the highest point of a caption's memory (the decoder's 137 MB of
+/// int8 weights, twice, beside the loaded encoder). Initializers that ONNX before IR 4 also
+/// lists as graph inputs (defaults) leave that list: tract makes them constants too.
+fn take_initializers(onnx: &tract_onnx::Onnx, proto: &mut ModelProto, dir: Option<&str>) -> TractResult<Vec<(String, Tensor)>> {
+    let Some(graph) = proto.graph.as_mut() else { return Ok(vec![]) };
+    let initializers = std::mem::take(&mut graph.initializer);
+    let names: std::collections::HashSet<&str> = initializers.iter().map(|t| t.name.as_str()).collect();
+    graph.input.retain(|i| !names.contains(i.name.as_str()));
+    drop(names);
+    let mut out = Vec::with_capacity(initializers.len());
+    for t in initializers {
+        let tensor = tract_onnx::tensor::load_tensor(&*onnx.provider, &t, dir).map_err(|e| e.context(format!("initializer {}", t.name)))?;
+        out.push((t.name, tensor));
+    }
+    Ok(out)
+}
+
+/// Wires the weights [`take_initializers`] took into `model` as constants, in place of the source
+/// nodes tract's parse made for the names it could not resolve; returns the names still
+/// unresolved (values the graph never defines).
+fn attach_initializers(model: &mut InferenceModel, unresolved: Vec<String>, weights: Vec<(String, Tensor)>) -> TractResult<Vec<String>> {
+    let mut weights: std::collections::HashMap<String, Tensor> = weights.into_iter().collect();
+    let mut left = vec![];
+    for name in unresolved {
+        let Some(tensor) = weights.remove(&name) else {
+            left.push(name);
+            continue;
+        };
+        let source = model.node_by_name(&name)?.id;
+        model.node_mut(source).name = format!("{name}.unresolved");
+        let konst = model.add_const(name, tensor)?;
+        for inlet in model.node(source).outputs[0].successors.clone() {
+            model.add_edge(konst, inlet)?;
+        }
+        model.inputs.retain(|o| o.node != source);
+    }
+    Ok(left)
 }
 
 /// The operator of tract's "Translating node #N \"name\" Op ToTypedTranslator" error, if that is

@@ -49,10 +49,19 @@ pub fn kernel() -> &'static str {
     NAME.get_or_init(|| if gemm.may_saturate() { format!("{} (7-bit split, exact)", gemm.kernel_name()) } else { gemm.kernel_name().to_string() })
 }
 
+const TILES_NAME: &str = "avx2 i16 tiles (vitgpt2, exact)";
+
 /// Whether products of many rows run on [`GemvWeights::gemm_tiles`] rather than rten-gemm:
 /// where rten-gemm's kernel saturates (x86-64 AVX2 without VNNI) and so needs two passes.
 pub fn tiles_available() -> bool {
     executor().may_saturate() && int8_gemv::available()
+}
+
+/// The kernels products run on here, few rows then many (for logs and the bench's report).
+pub fn kernels() -> String {
+    let few = if int8_gemv::available() { int8_gemv::kernel_name() } else { kernel() };
+    let many = if tiles_available() { TILES_NAME } else { kernel() };
+    format!("{few} (few rows), {many} (many rows)")
 }
 
 static THREADS: AtomicUsize = AtomicUsize::new(1);
@@ -165,7 +174,7 @@ impl Int8MatMul {
         match self.weights {
             Weights::Packed(_) => kernel(),
             Weights::Gemv(_) => int8_gemv::kernel_name(),
-            Weights::Tiles(_) => "avx2 i16 tiles (vitgpt2, exact)",
+            Weights::Tiles(_) => TILES_NAME,
         }
     }
 }
@@ -302,13 +311,33 @@ pub fn substitute(model: &mut TypedModel, ours: bool) -> TractResult<usize> {
         if plan.a_zero == LeftZero::Input {
             inputs.push(node.inputs[3]);
         }
+        let b = node.inputs[1];
         swap_node(model, id, plan, &inputs)?;
+        release_weight(model, b, id)?;
         done += 1;
     }
     if done > 0 {
         model.compact()?;
+        super::release_freed_heap();
     }
     Ok(done)
+}
+
+/// Empties the constant `b` when product `product`, just swapped out, was its only reader: its
+/// bytes live on in the substitute's own layout, and keeping both until `compact` held every
+/// weight of the graph twice at load — the node's peak RSS (a caption: 395 → see README
+/// "Performance"). The emptied node has no live reader; `compact` removes it.
+fn release_weight(model: &mut TypedModel, b: OutletId, product: usize) -> TractResult<()> {
+    let node = model.node(b.node);
+    let only_reader = node.outputs.len() == 1 && node.outputs[0].successors.iter().all(|s| s.node == product);
+    if node.op_as::<tract_onnx::tract_core::ops::konst::Const>().is_none() || !only_reader || model.output_outlets()?.contains(&b) {
+        return Ok(());
+    }
+    let empty = Arc::new(Tensor::zero::<i8>(&[0])?);
+    let node = model.node_mut(b.node);
+    node.op = Box::new(tract_onnx::tract_core::ops::konst::Const::new(empty.clone())?);
+    node.outputs[0].fact = TypedFact::try_from(empty)?;
+    Ok(())
 }
 
 /// Whether input `slot`'s only axis is the product's n axis (in b and the output, not in a).
