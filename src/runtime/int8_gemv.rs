@@ -135,12 +135,19 @@ impl GemvWeights {
 
     /// `out[i, n] = Σ_k (a[i, k] − a0)·b[k, n]` in wrapping i32, for `a` of `m` rows of `K` u8
     /// (row-major) and `out` of `m × N`, on the caller's thread (split by columns across 2
-    /// threads it measured slower here: see README "Performance"). Panics where [`available`]
-    /// is false.
+    /// threads it measured slower here: see README "Performance"); 3 rows or more on AVX2
+    /// (beam search) through [`gemm_tiles`](Self::gemm_tiles). Panics where [`available`] is
+    /// false.
     pub fn gemm(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
         assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm: operand sizes");
         let isa = isa();
         assert!(isa.is_some(), "GemvWeights::gemm on a CPU without AVX-512 VNNI or AVX2");
+        if isa == Some(Isa::Avx2) && m >= 3 {
+            // Beam search's 4 rows: the split kernel's 2-row passes are bound by arithmetic
+            // there (4 multiplies per 32 products); the i16 tiles take half (a beam-4 token's LM
+            // head 4.8 → 3.6 ms, measured on an AMD EPYC, Zen 3).
+            return self.gemm_tiles(a, m, a0, out);
+        }
         // The rows as little-endian u32 words of 4 k-values, zero-padded to ⌈K/4⌉.
         let words: Vec<i32> = a
             .chunks_exact(self.k)
@@ -309,21 +316,26 @@ impl GemvWeights {
                 for e in 0..cols.div_ceil(8) {
                     // 8 columns' 4 k-values: 32 bytes of each 256-byte step.
                     let w = &self.w[(j * self.kg + g0) * 4 * GROUP + 32 * e..][..(steps - 1) * 4 * GROUP + 32];
+                    // The next group's block, a line per step over this group's 8 passes (each
+                    // pass reads 32 of every 256 bytes: alone, the first would wait on memory
+                    // and the others on arithmetic; beam 4's LM head 4.8 → 3.6 ms, measured).
+                    // Only for one tile of rows: with more, each pass runs long enough on cached
+                    // weights, and the prefetches cost the encoder ~6 % (measured).
+                    let lines = if rows <= TILE_ROWS { 4 * steps } else { 0 };
+                    let next = Prefetch { base: self.w.as_ptr().wrapping_add(((j + 1) * self.kg + g0) * 4 * GROUP), first: e * steps, lines };
                     for r0 in (0..rows).step_by(TILE_ROWS) {
                         let n_rows = TILE_ROWS.min(rows - r0);
                         let row = |r: usize| &packed[(r0 + r.min(n_rows - 1)) * kp + 4 * g0..][..4 * steps];
                         let c0 = j * GROUP + 8 * e;
                         let (o, width) = (&mut out[r0 * self.n + c0..], 8.min(self.n - c0));
+                        let tile_rows: [&[i16]; TILE_ROWS] = std::array::from_fn(row);
                         // Safety: isa() was checked by the caller; the slices have the lengths read.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
-                            match n_rows {
-                                1 => tile_kernel_avx2::<1>(w, [row(0)], o, self.n, width),
-                                2 => tile_kernel_avx2::<2>(w, [row(0), row(1)], o, self.n, width),
-                                3 => tile_kernel_avx2::<3>(w, [row(0), row(1), row(2)], o, self.n, width),
-                                4 => tile_kernel_avx2::<4>(w, [row(0), row(1), row(2), row(3)], o, self.n, width),
-                                5 => tile_kernel_avx2::<5>(w, [row(0), row(1), row(2), row(3), row(4)], o, self.n, width),
-                                _ => tile_kernel_avx2::<6>(w, std::array::from_fn(row), o, self.n, width),
+                            if next.lines > 0 {
+                                tile_avx2::<true>(n_rows, w, tile_rows, o, self.n, width, &next)
+                            } else {
+                                tile_avx2::<false>(n_rows, w, tile_rows, o, self.n, width, &next)
                             }
                         }
                     }
@@ -331,6 +343,29 @@ impl GemvWeights {
             }
         }
     }
+}
+
+/// [`tile_kernel_avx2`] for the first `n_rows` of `rows` (≤ [`TILE_ROWS`]), prefetching or not
+/// (`PF`: a separate kernel, since a test in the loop slowed the many-row one by a quarter).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2<const PF: bool>(n_rows: usize, w: &[i8], r: [&[i16]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
+    match n_rows {
+        1 => tile_kernel_avx2::<1, PF>(w, [r[0]], out, stride, width, next),
+        2 => tile_kernel_avx2::<2, PF>(w, [r[0], r[1]], out, stride, width, next),
+        3 => tile_kernel_avx2::<3, PF>(w, [r[0], r[1], r[2]], out, stride, width, next),
+        4 => tile_kernel_avx2::<4, PF>(w, [r[0], r[1], r[2], r[3]], out, stride, width, next),
+        5 => tile_kernel_avx2::<5, PF>(w, [r[0], r[1], r[2], r[3], r[4]], out, stride, width, next),
+        _ => tile_kernel_avx2::<6, PF>(w, r, out, stride, width, next),
+    }
+}
+
+/// Cache lines to fetch ahead while a tile runs: line `(first + g) mod lines` from `base` at step
+/// `g` (none when `lines` is 0).
+struct Prefetch {
+    base: *const i8,
+    first: usize,
+    lines: usize,
 }
 
 /// `out[r·stride + c] += Σ_g Σ_t rows[r][4g + t] · w[256g + 4c + t]` (wrapping) for `R` rows
@@ -341,13 +376,18 @@ impl GemvWeights {
 /// added pairwise at the end (`vphaddd`, then the 64-bit lanes put back in column order).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_kernel_avx2<const R: usize>(w: &[i8], rows: [&[i16]; R], out: &mut [i32], stride: usize, width: usize) {
+unsafe fn tile_kernel_avx2<const R: usize, const PF: bool>(w: &[i8], rows: [&[i16]; R], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
     let steps = rows[0].len() / 4;
     assert!(w.len() == (steps - 1) * 4 * GROUP + 32 && rows.iter().all(|r| r.len() == 4 * steps) && width <= 8 && out.len() >= (R - 1) * stride + width);
     let mut acc = [[_mm256_setzero_si256(); 2]; R];
     let p = w.as_ptr();
     for g in 0..steps {
         let wp = p.add(g * 4 * GROUP);
+        if PF {
+            // first + g < 2·lines. A prefetch never faults: past the last group it is harmless.
+            let line = if next.first + g >= next.lines { next.first + g - next.lines } else { next.first + g };
+            _mm_prefetch::<_MM_HINT_T0>(next.base.wrapping_add(line * 64));
+        }
         let b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.cast()));
         let b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(16).cast()));
         for r in 0..R {
