@@ -217,3 +217,52 @@ fn products_outside_the_substitutes_reach_stay_tracts() {
     assert!(equal, "per-row left zero points: results differ from tract's");
     assert_eq!(substituted, 0, "per-row left zero points");
 }
+
+/// The dequantization after a product — `Cast` to f32, `× s` (row scales `[.., 1]`), `× ws`
+/// (constant column scales) as the fast layout's int8 linears end — is folded into the op, its
+/// results bit-identical to tract running the three ops; a chain that does not fit (the column
+/// scales not constant) stays as it is.
+#[test]
+fn dequantization_folds_into_the_product_bit_exactly() {
+    use vitgpt2::runtime::int8::Int8MatMul;
+    let mut rng = SplitMix::new(4242);
+    let unit = |rng: &mut SplitMix| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+    for &(m, k, n, const_ws) in &[(1, 768, 70, true), (4, 33, 65, true), (197, 300, 130, true), (5, 40, 9, false)] {
+        let mut g = GraphBuilder::new("dq");
+        let a = g.input("a", DataType::Int8, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(k)]);
+        let s = g.input("s", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(1)]);
+        let b = g.init_i8("b", &[k, n], &random_bytes(&mut rng, k * n).into_iter().map(|v| v as i8).collect::<Vec<_>>());
+        let ws_vals: Vec<f32> = (0..n).map(|_| (unit(&mut rng) + 0.01) * 1e-2).collect();
+        let ws = if const_ws { g.init_f32("ws", &[n], &ws_vals) } else { g.input("ws", DataType::Float, &[Dim::Fixed(n)]) };
+        let acc = g.node("MatMulInteger", &[&a, &b], vec![]);
+        let accf = g.node("Cast", &[&acc], vec![("to", vitgpt2::export::onnx::Attr::Int(DataType::Float as i64))]);
+        let y = g.node("Mul", &[&accf, &s], vec![]);
+        let y = g.node("Mul", &[&y, &ws], vec![]);
+        g.output(&y, "y", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(n)]);
+        let model = tract_onnx::onnx().model_for_proto_model(&g.finish("dequantize", &[])).expect("tract parses the graph");
+        let a_vals: Vec<i8> = random_bytes(&mut rng, m * k).into_iter().map(|v| v as i8).collect();
+        // Row scales over several decades, as max|x|/127 of real activations are.
+        let s_vals: Vec<f32> = (0..m).map(|i| (unit(&mut rng) + 0.01) * 10f32.powi(i as i32 % 5 - 3)).collect();
+        let mut values: TVec<TValue> = tvec![Tensor::from_shape(&[1, m, k], &a_vals).unwrap().into_tvalue(), Tensor::from_shape(&[1, m, 1], &s_vals).unwrap().into_tvalue()];
+        if !const_ws {
+            values.push(Tensor::from_shape(&[n], &ws_vals).unwrap().into_tvalue());
+        }
+        let run = |gemm: Int8Gemm| {
+            let (typed, _) = optimize(model.clone(), gemm).expect("optimizes");
+            let folded = typed.nodes().iter().filter(|nd| nd.op_as::<Int8MatMul>().is_some_and(|mm| mm.dequantizes())).count();
+            let casts = typed.nodes().iter().filter(|nd| nd.op().name() == "Cast").count();
+            let out = typed.into_runnable().expect("runnable").run(values.clone()).expect("runs");
+            (folded, casts, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        };
+        let (folded, casts, ours) = run(Int8Gemm::Auto);
+        let (_, _, tract) = run(Int8Gemm::Tract);
+        let what = format!("m={m} k={k} n={n} constant column scales {const_ws}");
+        assert_eq!(folded, usize::from(const_ws), "{what}: folded products");
+        if const_ws {
+            assert_eq!(casts, 0, "{what}: the Cast stayed");
+        }
+        if let Some(i) = (0..ours.len()).find(|&i| ours[i] != tract[i]) {
+            panic!("{what}: element {i}: {} with the fold, {} in tract", f32::from_bits(ours[i]), f32::from_bits(tract[i]));
+        }
+    }
+}

@@ -120,11 +120,7 @@ enum LeftZero {
     Input,
 }
 
-/// `y[.., n] = Σ_k (a[.., k] − a0)(b[k, n] − b0[n])` in i32, `b` packed once at load.
-///
-/// Inputs: `a` (i8 or u8, `[.., K]`, any leading dims) and, for [`LeftZero::Input`], the
-/// zero point `a0` (one element). Output: i32 `[.., N]`.
-/// The constant right operand, laid out once at load for one of the two kernels.
+/// The constant right operand, laid out once at load for one of the kernels.
 #[derive(Clone)]
 enum Weights {
     /// rten-gemm's packed blocks (products of many rows: the encoder).
@@ -136,6 +132,13 @@ enum Weights {
     Tiles(Arc<GemvWeights>),
 }
 
+/// `y[.., n] = Σ_k (a[.., k] − a0)(b[k, n] − b0[n])` in i32, `b` laid out once at load; with
+/// `dequantize`, `y[r, n] = (f32(acc[r, n]) · s[r]) · ws[n]` in f32 instead (see
+/// [`fuse_dequantize`]).
+///
+/// Inputs: `a` (i8 or u8, `[.., K]`, any leading dims), for [`LeftZero::Input`] the zero point
+/// `a0` (one element), and with `dequantize` the row scales `s` (`[.., 1]`, f32). Output: i32
+/// (or f32) `[.., N]`.
 #[derive(Clone)]
 pub struct Int8MatMul {
     weights: Weights,
@@ -148,11 +151,23 @@ pub struct Int8MatMul {
     /// The left operand is i8 (shifted by +128 at every call).
     a_signed: bool,
     a_zero: LeftZero,
+    /// Column scales `ws [N]` of a folded dequantization (f32 out; see [`fuse_dequantize`]).
+    dequantize: Option<Arc<[f32]>>,
 }
 
 impl std::fmt::Debug for Int8MatMul {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Int8MatMul({}, k={}, n={}, a={}, a0={:?}, b0={})", self.kernel(), self.k, self.n, if self.a_signed { "i8" } else { "u8" }, self.a_zero, self.b_zero.is_some())
+        write!(
+            f,
+            "Int8MatMul({}, k={}, n={}, a={}, a0={:?}, b0={}, dequantize={})",
+            self.kernel(),
+            self.k,
+            self.n,
+            if self.a_signed { "i8" } else { "u8" },
+            self.a_zero,
+            self.b_zero.is_some(),
+            self.dequantize.is_some()
+        )
     }
 }
 
@@ -163,12 +178,21 @@ impl PartialEq for Int8MatMul {
             (Weights::Gemv(a), Weights::Gemv(b)) | (Weights::Tiles(a), Weights::Tiles(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
-        same && self.a_signed == other.a_signed && self.a_zero == other.a_zero
+        let same_scales = match (&self.dequantize, &other.dequantize) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        same && same_scales && self.a_signed == other.a_signed && self.a_zero == other.a_zero
     }
 }
 impl Eq for Int8MatMul {}
 
 impl Int8MatMul {
+    /// Whether the op ends in f32, its dequantization folded in ([`fuse_dequantize`]).
+    pub fn dequantizes(&self) -> bool {
+        self.dequantize.is_some()
+    }
+
     /// The kernel this product runs on.
     fn kernel(&self) -> &'static str {
         match self.weights {
@@ -185,7 +209,8 @@ impl Op for Int8MatMul {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{}: K={} N={}, left {}", self.kernel(), self.k, self.n, if self.a_signed { "i8" } else { "u8" })])
+        let out = if self.dequantize.is_some() { ", f32 out" } else { "" };
+        Ok(vec![format!("{}: K={} N={}, left {}{out}", self.kernel(), self.k, self.n, if self.a_signed { "i8" } else { "u8" })])
     }
 
     op_as_typed_op!();
@@ -270,7 +295,17 @@ impl EvalOp for Int8MatMul {
                 out_row.iter_mut().zip(b_zero.iter()).for_each(|(o, &z)| *o = o.wrapping_sub(z.wrapping_mul(centered)));
             }
         }
-        Ok(tvec![out.into_tvalue()])
+        let Some(ws) = &self.dequantize else { return Ok(tvec![out.into_tvalue()]) };
+        let s = inputs.last().context("Int8MatMul: missing row scales")?;
+        ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
+        let s = s.try_as_plain_ram()?;
+        let s = s.as_slice::<f32>()?;
+        // The graph's order and roundings: Cast to f32, × the row's scale, × the column's.
+        let mut y = vec![0f32; m * self.n];
+        for ((y_row, acc_row), &sr) in y.chunks_exact_mut(self.n).zip(out_data.chunks_exact(self.n)).zip(s) {
+            y_row.iter_mut().zip(acc_row).zip(ws.iter()).for_each(|((y, &acc), &w)| *y = (acc as f32 * sr) * w);
+        }
+        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(&*out_shape, y)?.into_tvalue()])
     }
 }
 
@@ -280,7 +315,8 @@ impl TypedOp for Int8MatMul {
         ensure!(a.rank() >= 1 && a.shape[a.rank() - 1] == TDim::from(self.k), "Int8MatMul: input {a:?}, expected last dim {}", self.k);
         let mut shape: TVec<TDim> = a.shape.iter().take(a.rank() - 1).cloned().collect();
         shape.push(self.n.into());
-        Ok(tvec![i32::datum_type().fact(shape)])
+        let dt = if self.dequantize.is_some() { f32::datum_type() } else { i32::datum_type() };
+        Ok(tvec![dt.fact(shape)])
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -319,6 +355,62 @@ pub fn substitute(model: &mut TypedModel, ours: bool) -> TractResult<usize> {
     if done > 0 {
         model.compact()?;
         super::release_freed_heap();
+        // `VITGPT2_INT8_FOLD=0` leaves the dequantization to tract's ops (for comparison).
+        let fused = if std::env::var("VITGPT2_INT8_FOLD").as_deref() == Ok("0") { 0 } else { fuse_dequantize(model)? };
+        tracing::debug!(products = done, dequantize_fused = fused, "int8 products substituted");
+    }
+    Ok(done)
+}
+
+/// Folds the dequantization that follows an [`Int8MatMul`] into it: `Cast` to f32, `Mul` by the
+/// row scales (`[.., 1]`, computed per call) and `Mul` by constant column scales (`[N]`) — our
+/// fast layout's `matmul_int8` — become its f32 output, computed in the same order with the same
+/// roundings (so bit-identical; IEEE products commute), without the two intermediate tensors and
+/// three small ops per product (~300 per decoder step). Returns how many were folded.
+fn fuse_dequantize(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::{binary::TypedBinOp, cast::Cast, math::Mul};
+    let outputs = model.output_outlets()?.to_vec();
+    // The node that alone reads `id`'s only output (not a graph output).
+    let only_reader = |model: &TypedModel, id: usize| -> Option<usize> {
+        let node = model.node(id);
+        (node.outputs.len() == 1 && node.outputs[0].successors.len() == 1 && !outputs.contains(&OutletId::new(id, 0))).then(|| node.outputs[0].successors[0].node)
+    };
+    // For an f32 `Mul` node taking `x`: its other input.
+    let mul_by = |model: &TypedModel, id: usize, x: OutletId| -> Option<OutletId> {
+        let node = model.node(id);
+        let bin = node.op_as::<TypedBinOp>()?;
+        let f32_out = model.outlet_fact(OutletId::new(id, 0)).ok()?.datum_type == f32::datum_type();
+        (bin.0.is::<Mul>() && f32_out && node.inputs.len() == 2 && node.inputs.contains(&x)).then(|| if node.inputs[0] == x { node.inputs[1] } else { node.inputs[0] })
+    };
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let Some(mm) = model.node(id).op_as::<Int8MatMul>().filter(|mm| mm.dequantize.is_none()) else { continue };
+        let Some(cast) = only_reader(model, id).filter(|&c| model.node(c).op_as::<Cast>().is_some_and(|c| c.to == f32::datum_type())) else { continue };
+        let Some(m1) = only_reader(model, cast) else { continue };
+        let Some(row_scales) = mul_by(model, m1, OutletId::new(cast, 0)) else { continue };
+        let Some(m2) = only_reader(model, m1) else { continue };
+        let Some(col_scales) = mul_by(model, m2, OutletId::new(m1, 0)) else { continue };
+        // Shapes: the scales broadcast along one axis each, and nothing else changes shape.
+        let acc = model.outlet_fact(OutletId::new(id, 0))?.shape.to_tvec();
+        let rank = acc.len();
+        let (rs, cs) = (model.outlet_fact(row_scales)?, model.outlet_fact(col_scales)?);
+        let rows_match = rs.datum_type == f32::datum_type() && rs.rank() == rank && rs.shape[rank - 1] == TDim::from(1) && rs.shape.iter().take(rank - 1).eq(acc.iter().take(rank - 1));
+        let ws = match &cs.konst {
+            Some(t) if t.datum_type() == f32::datum_type() && t.len() == mm.n && t.rank() <= rank && t.shape().last() == Some(&mm.n) => t.clone(),
+            _ => continue,
+        };
+        if !rows_match || model.outlet_fact(OutletId::new(m2, 0))?.shape.to_tvec() != acc {
+            continue;
+        }
+        let mut fused = mm.clone();
+        fused.dequantize = Some(ws.try_as_plain_ram()?.as_slice::<f32>()?.into());
+        let mut inputs = model.node(id).inputs.clone();
+        inputs.push(row_scales);
+        swap_node(model, m2, fused, &inputs)?;
+        done += 1;
+    }
+    if done > 0 {
+        model.compact()?;
     }
     Ok(done)
 }
@@ -449,5 +541,5 @@ fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum, ours: bool) -> Tr
     } else {
         Some(b_zero.into())
     };
-    Ok(Some(Int8MatMul { weights, k: kd, n: nd, b_zero, a_signed, a_zero: a0 }))
+    Ok(Some(Int8MatMul { weights, k: kd, n: nd, b_zero, a_signed, a_zero: a0, dequantize: None }))
 }
