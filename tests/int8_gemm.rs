@@ -266,3 +266,66 @@ fn dequantization_folds_into_the_product_bit_exactly() {
         }
     }
 }
+
+/// The exporter's own int8 linears (`export::fast::Net::linear`: per-row quantization, product,
+/// dequantization, bias), two of them on one input as the query and key projections are: with
+/// the folds, one `QuantizeRows` and two f32-out products; bit-identical to tract's ops on rows
+/// of every kind (ordinary, zero, below the clamp, huge, one element much larger than the rest).
+#[test]
+fn the_exporters_int8_linears_fold_bit_exactly() {
+    use vitgpt2::export::fast::{Net, WeightForm};
+    use vitgpt2::runtime::int8::Int8MatMul;
+    let mut rng = SplitMix::new(777);
+    let mut unit = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+    let (m, k, n) = (7, 72, 40);
+    let weights = vitgpt2::export::Weights::default();
+    let mut net = Net::new("linears", WeightForm::Int8, &weights);
+    let x = net.g.input("x", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(k)]);
+    let (w1, w2): (Vec<f32>, Vec<f32>) = ((0..k * n).map(|_| unit() * 0.1).collect(), (0..k * n).map(|_| unit() * 0.1).collect());
+    let b: Vec<f32> = (0..n).map(|_| unit()).collect();
+    let y1 = net.linear(&x, "q", &w1, k, n, &b);
+    let y2 = net.linear(&x, "k", &w2, k, n, &b);
+    let y = net.g.node("Add", &[&y1, &y2], vec![]);
+    net.g.output(&y, "y", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(n)]);
+    let model = tract_onnx::onnx().model_for_proto_model(&net.g.finish("int8 linears", &[])).expect("tract parses the graph");
+    let mut xs: Vec<f32> = (0..m * k).map(|_| unit() * 3.0).collect();
+    xs[k..2 * k].iter_mut().for_each(|v| *v = 0.0);
+    xs[2 * k..3 * k].iter_mut().for_each(|v| *v *= 1e-20);
+    xs[3 * k..4 * k].iter_mut().for_each(|v| *v *= 1e6);
+    xs[4 * k + 5] = 4e3;
+    // Ties: max|x| = 127 makes the scale exactly 1, so x.5 must round half to even.
+    let ties = [127.0, 2.5, 0.5, -3.5, 1.5, -0.5, 126.5, -126.5];
+    xs[5 * k..5 * k + ties.len()].copy_from_slice(&ties);
+    // Values where x · (1/scale) and x / scale round to different integers: the product's form
+    // matters, and the op must keep the graph's (a multiply by the reciprocal).
+    let (max, magic) = (100.3f32, 12_582_912f32);
+    let scale = max * (1.0 / 127.0f32);
+    let (inv, round) = (1.0 / scale, |r: f32| (r + magic) - magic);
+    let mut found = vec![max];
+    for j in 0..100 {
+        // A few ulps either side of each half-integer multiple of the scale.
+        let centre = (j as f32 + 0.5) * scale;
+        let bits = centre.to_bits();
+        for x in (bits - 8..=bits + 8).map(f32::from_bits) {
+            if found.len() < k && round(x * inv) != round(x / scale) {
+                found.push(x);
+            }
+        }
+    }
+    assert!(found.len() > 5, "no values where x·(1/s) and x/s round apart (found {})", found.len() - 1);
+    xs[6 * k..6 * k + found.len()].copy_from_slice(&found);
+    let values: TVec<TValue> = tvec![Tensor::from_shape(&[1, m, k], &xs).unwrap().into_tvalue()];
+    let run = |gemm: Int8Gemm| {
+        let (typed, _) = optimize(model.clone(), gemm).expect("optimizes");
+        let quantize = typed.nodes().iter().filter(|nd| nd.op().name() == "QuantizeRows").count();
+        let folded = typed.nodes().iter().filter(|nd| nd.op_as::<Int8MatMul>().is_some_and(|mm| mm.dequantizes())).count();
+        let out = typed.into_runnable().expect("runnable").run(values.clone()).expect("runs");
+        (quantize, folded, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+    };
+    let (quantize, folded, ours) = run(Int8Gemm::Auto);
+    let (_, _, tract) = run(Int8Gemm::Tract);
+    assert_eq!((quantize, folded), (1, 2), "QuantizeRows ops and f32-out products");
+    if let Some(i) = (0..ours.len()).find(|&i| ours[i] != tract[i]) {
+        panic!("element {i}: {} folded, {} in tract", f32::from_bits(ours[i]), f32::from_bits(tract[i]));
+    }
+}

@@ -25,7 +25,8 @@ use crate::error::{write_atomic, write_json, Error, Result};
 use crate::model::VisionEncoderDecoder;
 pub use fast::WeightForm;
 
-/// Every parameter of the model as f32 on the CPU, by Hugging Face name.
+/// Every parameter of the model as f32 on the CPU, by Hugging Face name (`default()`: none).
+#[derive(Default)]
 pub struct Weights {
     map: HashMap<String, (Vec<usize>, Vec<f32>)>,
 }

@@ -9,7 +9,7 @@ use tract_hir::infer::Factoid;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
-use super::{f32_ops, int8};
+use super::{f32_ops, int8, quantize};
 use super::onnx_file::OnnxFile;
 use crate::error::{chain, Error, Result};
 
@@ -67,11 +67,12 @@ pub fn optimize_with(model: InferenceModel, gemm: Int8Gemm, swap_f32: bool) -> T
         Int8Gemm::Rten => int8::substitute(&mut typed, false)?,
         Int8Gemm::Tract => 0,
     };
+    let quantize = if gemm != Int8Gemm::Tract && int8::fold_enabled() { quantize::substitute(&mut typed)? } else { 0 };
     let f32_ops = if swap_f32 { f32_ops::substitute(&mut typed)? } else { 0 };
     let t2 = std::time::Instant::now();
     typed.optimize()?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
-    tracing::debug!(f32_ops, typing_ms = ms(t0, typed_at), declutter_ms = ms(typed_at, t1), int8_ms = ms(t1, t2), optimize_ms = ms(t2, std::time::Instant::now()), "graph optimized");
+    tracing::debug!(f32_ops, quantize, typing_ms = ms(t0, typed_at), declutter_ms = ms(typed_at, t1), int8_ms = ms(t1, t2), optimize_ms = ms(t2, std::time::Instant::now()), "graph optimized");
     Ok((typed, n))
 }
 

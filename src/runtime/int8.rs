@@ -66,6 +66,11 @@ pub fn kernels() -> String {
 
 static THREADS: AtomicUsize = AtomicUsize::new(1);
 
+/// The threads set by [`set_threads`] (1 by default).
+pub fn threads() -> usize {
+    THREADS.load(Ordering::Relaxed)
+}
+
 /// Products with fewer rows run single-threaded (see `with_threads`).
 const PARALLEL_MIN_ROWS: usize = 16;
 
@@ -99,7 +104,7 @@ pub fn thread_pool(n: usize) -> Option<Arc<rayon::ThreadPool>> {
 /// of fewer than [`PARALLEL_MIN_ROWS`] rows (decoder steps) stay on one thread, where handing
 /// each of a token's ~100 small products to the pool cost more than it saved (measured: 2
 /// threads made a token 10 % slower).
-fn with_threads<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
+pub(super) fn with_threads<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
     let n = if rows < PARALLEL_MIN_ROWS { 1 } else { THREADS.load(Ordering::Relaxed) };
     if rayon::current_num_threads() == n {
         return f();
@@ -355,11 +360,17 @@ pub fn substitute(model: &mut TypedModel, ours: bool) -> TractResult<usize> {
     if done > 0 {
         model.compact()?;
         super::release_freed_heap();
-        // `VITGPT2_INT8_FOLD=0` leaves the dequantization to tract's ops (for comparison).
-        let fused = if std::env::var("VITGPT2_INT8_FOLD").as_deref() == Ok("0") { 0 } else { fuse_dequantize(model)? };
+        let fused = if fold_enabled() { fuse_dequantize(model)? } else { 0 };
         tracing::debug!(products = done, dequantize_fused = fused, "int8 products substituted");
     }
     Ok(done)
+}
+
+/// Whether the quantization before the int8 products and the dequantization after them are
+/// folded into one op each ([`fuse_dequantize`], `runtime::quantize`); `VITGPT2_INT8_FOLD=0`
+/// leaves them to tract's ops (for comparison).
+pub fn fold_enabled() -> bool {
+    std::env::var("VITGPT2_INT8_FOLD").as_deref() != Ok("0")
 }
 
 /// Folds the dequantization that follows an [`Int8MatMul`] into it: `Cast` to f32, `Mul` by the

@@ -10,6 +10,7 @@ pub mod int8;
 pub mod int8_gemv;
 pub mod onnx_file;
 pub mod optimum;
+pub mod quantize;
 
 use std::path::Path;
 use std::time::Instant;
