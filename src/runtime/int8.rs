@@ -6,9 +6,11 @@
 //! exports) into a quantized `EinSum` whose int8 kernel ran at ~100–130 GMAC/s here, slower
 //! than onnxruntime's whole encoder. [`substitute`] runs after tract's declutter pass and before
 //! its optimizer: every such product with a constant right-hand matrix becomes an
-//! [`Int8MatMul`], which packs that matrix once at load and runs on rten-gemm's u8×i8 kernels
-//! (AVX-512 VNNI / AVX-VNNI / AVX2 on x86-64, i8mm / dotprod / NEON on aarch64). The rest of the
-//! graph, the optimizer and the executor stay tract's.
+//! [`Int8MatMul`], which lays that matrix out once at load and runs on rten-gemm's u8×i8
+//! kernels (AVX-512 VNNI / AVX-VNNI / AVX2 on x86-64, i8mm / dotprod / NEON on aarch64) or on
+//! [`int8_gemv`]'s (few rows on x86-64; many rows where AVX2 has no VNNI). [`fuse_dequantize`]
+//! then folds the f32 rescaling that follows each product into it (and `runtime::quantize` the
+//! quantization before it). The rest of the graph, the optimizer and the executor stay tract's.
 //!
 //! Exactness: both compute `Σ_k (a − a0)(b − b0)` in i32. rten-gemm takes the left operand as
 //! u8 and the right as i8, so an i8 left operand is shifted by +128 (xor 0x80) with its zero

@@ -91,44 +91,52 @@ impl GemvWeights {
     pub fn new(k: usize, n: usize, b: &[i8], stride_k: usize, stride_n: usize) -> Self {
         let kg = k.div_ceil(4);
         let mut w = vec![0i8; n.div_ceil(GROUP) * kg * 4 * GROUP];
-        // Each 256-byte step holds 4 k-values of 64 columns; the loops follow the source's
-        // memory order where they can (load time: ~0.26 s for the two graphs' 222 M weights
-        // scattering byte by byte, measured; see `tests` for the three paths' equality).
-        for (step, dst) in w.chunks_exact_mut(4 * GROUP).enumerate() {
-            let (j, g) = (step / kg, step % kg);
-            let cols = GROUP.min(n - j * GROUP);
-            let rows = 4.min(k - 4 * g);
-            if stride_n == 1 && rows == 4 {
-                // Row-major `b`: interleave 4 rows, 4 bytes per column.
-                let r: [&[i8]; 4] = std::array::from_fn(|t| &b[(4 * g + t) * stride_k + j * GROUP..][..cols]);
-                for (col, quad) in dst[..4 * cols].chunks_exact_mut(4).enumerate() {
-                    quad.copy_from_slice(&[r[0][col], r[1][col], r[2][col], r[3][col]]);
+        let mut col_sums = vec![0i32; n];
+        let groups = n.div_ceil(GROUP);
+        // Each 256-byte step holds 4 k-values of 64 columns. The loops follow the source's
+        // memory order where they can and take the column sums on the way (load time: ~0.26 s
+        // for the two graphs' 222 M weights scattering byte by byte; measured), `tests` checks
+        // the three paths against each other.
+        let whole = k / 4;
+        if stride_n == 1 {
+            // Row-major `b`: 4 whole rows read in order, interleaved 4 bytes per column into each
+            // group's step (the last, partial step below).
+            for g in 0..whole {
+                let r: [&[i8]; 4] = std::array::from_fn(|t| &b[(4 * g + t) * stride_k..][..n]);
+                for (c, s) in col_sums.iter_mut().enumerate() {
+                    *s += r[0][c] as i32 + r[1][c] as i32 + r[2][c] as i32 + r[3][c] as i32;
                 }
-            } else if stride_k == 1 && rows == 4 {
-                // Column-major `b` (a transposed embedding: the LM head): each column's 4
-                // k-values are contiguous.
-                for (col, quad) in dst[..4 * cols].chunks_exact_mut(4).enumerate() {
-                    quad.copy_from_slice(&b[(j * GROUP + col) * stride_n + 4 * g..][..4]);
-                }
-            } else {
-                for t in 0..rows {
-                    let row = (4 * g + t) * stride_k + j * GROUP * stride_n;
-                    for col in 0..cols {
-                        dst[4 * col + t] = b[row + col * stride_n];
-                    }
+                for j in 0..groups {
+                    let cols = GROUP.min(n - j * GROUP);
+                    interleave4(r.map(|row| &row[j * GROUP..][..cols]), &mut w[(j * kg + g) * 4 * GROUP..][..4 * cols]);
                 }
             }
         }
-        // Column sums from the laid-out copy: contiguous per group.
-        let mut col_sums = vec![0i32; n];
-        for (j, sums) in col_sums.chunks_mut(GROUP).enumerate() {
-            let mut acc = [0i32; GROUP];
-            for step in w[j * kg * 4 * GROUP..(j + 1) * kg * 4 * GROUP].chunks_exact(4 * GROUP) {
-                for (a, quad) in acc.iter_mut().zip(step.chunks_exact(4)) {
-                    *a += quad.iter().map(|&v| v as i32).sum::<i32>();
+        // Column-major `b` (a transposed embedding: the LM head), any other strides, and a
+        // row-major one's partial last step: group by group, down k.
+        let first = if stride_n == 1 { whole } else { 0 };
+        for j in 0..groups {
+            let cols = GROUP.min(n - j * GROUP);
+            for g in first..kg {
+                let rows = 4.min(k - 4 * g);
+                let dst = &mut w[(j * kg + g) * 4 * GROUP..][..4 * cols];
+                if stride_k == 1 && rows == 4 {
+                    // Each column's 4 k-values are contiguous.
+                    for (col, quad) in dst.chunks_exact_mut(4).enumerate() {
+                        quad.copy_from_slice(&b[(j * GROUP + col) * stride_n + 4 * g..][..4]);
+                    }
+                } else {
+                    for t in 0..rows {
+                        let row = (4 * g + t) * stride_k + j * GROUP * stride_n;
+                        for col in 0..cols {
+                            dst[4 * col + t] = b[row + col * stride_n];
+                        }
+                    }
+                }
+                for (s, quad) in col_sums[j * GROUP..][..cols].iter_mut().zip(dst.chunks_exact(4)) {
+                    *s += quad.iter().map(|&v| v as i32).sum::<i32>();
                 }
             }
-            sums.copy_from_slice(&acc[..sums.len()]);
         }
         GemvWeights { w, k, kg, n, col_sums }
     }
@@ -265,6 +273,35 @@ unsafe fn group_kernel<const R: usize>(w: &[i8], rows: [&[i32]; R], tile: &mut [
         for q in 0..4 {
             _mm512_storeu_si512(tile[r].as_mut_ptr().add(16 * q).cast(), acc[r][q]);
         }
+    }
+}
+
+/// `dst[4c + t] = rows[t][c]`: four rows interleaved a byte at a time (SSE2 unpacks, 16 columns
+/// at once, on x86-64).
+fn interleave4(rows: [&[i8]; 4], dst: &mut [i8]) {
+    let cols = dst.len() / 4;
+    assert!(rows.iter().all(|r| r.len() >= cols), "interleave4: short rows");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        while done + 16 <= cols {
+            // Safety: SSE2 is part of x86-64; 16 bytes read from each row and 64 written, in bounds.
+            unsafe {
+                let [a, b, c, d] = rows.map(|r| _mm_loadu_si128(r.as_ptr().add(done).cast()));
+                let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
+                let (cd_lo, cd_hi) = (_mm_unpacklo_epi8(c, d), _mm_unpackhi_epi8(c, d));
+                let out = dst.as_mut_ptr().add(4 * done).cast::<__m128i>();
+                _mm_storeu_si128(out, _mm_unpacklo_epi16(ab_lo, cd_lo));
+                _mm_storeu_si128(out.add(1), _mm_unpackhi_epi16(ab_lo, cd_lo));
+                _mm_storeu_si128(out.add(2), _mm_unpacklo_epi16(ab_hi, cd_hi));
+                _mm_storeu_si128(out.add(3), _mm_unpackhi_epi16(ab_hi, cd_hi));
+            }
+            done += 16;
+        }
+    }
+    for (col, quad) in dst[4 * done..].chunks_exact_mut(4).enumerate() {
+        let c = done + col;
+        quad.copy_from_slice(&[rows[0][c], rows[1][c], rows[2][c], rows[3][c]]);
     }
 }
 
