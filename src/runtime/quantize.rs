@@ -74,7 +74,8 @@ impl EvalOp for QuantizeRows {
         let mut q = vec![0i8; x.len()];
         let mut scales = vec![0f32; rows];
         // Never through rayon on one thread: its pool would run the rows on another core, far
-        // from the caches holding x (measured: 3× slower than in place).
+        // from the caches holding x (measured: the encoder's 50 quantizations 19.6 ms, 13.0 ms
+        // in place).
         if x.len() >= PARALLEL_MIN_LEN && super::int8::threads() > 1 {
             use rayon::prelude::*;
             // On the node's threads (`--threads`), as the int8 products.
