@@ -363,7 +363,7 @@ pub fn substitute(model: &mut TypedModel, ours: bool) -> TractResult<usize> {
         model.compact()?;
         super::release_freed_heap();
         let fused = if fold_enabled() { fuse_dequantize(model)? } else { 0 };
-        tracing::debug!(products = done, dequantize_fused = fused, "int8 products substituted");
+        tracing::debug!(products = done, folded = fused, "int8 dequantization folded into the products");
     }
     Ok(done)
 }

@@ -362,6 +362,8 @@ impl GemvWeights {
                     let next = Prefetch { base: self.w.as_ptr().wrapping_add(((j + 1) * self.kg + g0) * 4 * GROUP), first: e * steps, lines };
                     for r0 in (0..rows).step_by(TILE_ROWS) {
                         let n_rows = TILE_ROWS.min(rows - r0);
+                        // A whole tile's worth of row slices, those past its last row repeating it:
+                        // the kernel for `n_rows` reads only the first `n_rows`.
                         let row = |r: usize| &packed[(r0 + r.min(n_rows - 1)) * kp + 4 * g0..][..4 * steps];
                         let c0 = j * GROUP + 8 * e;
                         let (o, width) = (&mut out[r0 * self.n + c0..], 8.min(self.n - c0));
