@@ -255,8 +255,13 @@ fn dequantization_folds_into_the_product_bit_exactly() {
             (folded, casts, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().map(|v| v.to_bits()).collect::<Vec<_>>())
         };
         let (folded, casts, ours) = run(Int8Gemm::Auto);
+        // Two threads: on AVX2 the tiles dequantize each thread's rows (197: 99 + 98) there.
+        vitgpt2::runtime::set_threads(2);
+        let (_, _, ours_2) = run(Int8Gemm::Auto);
+        vitgpt2::runtime::set_threads(1);
         let (_, _, tract) = run(Int8Gemm::Tract);
         let what = format!("m={m} k={k} n={n} constant column scales {const_ws}");
+        assert!(ours == ours_2, "{what}: 2 threads differ from 1");
         assert_eq!(folded, usize::from(const_ws), "{what}: folded products");
         if const_ws {
             assert_eq!(casts, 0, "{what}: the Cast stayed");

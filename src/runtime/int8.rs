@@ -233,14 +233,6 @@ impl EvalOp for Int8MatMul {
         let m: usize = shape[..shape.len() - 1].iter().product();
         let mut out_shape: TVec<usize> = shape[..shape.len() - 1].into();
         out_shape.push(self.n);
-        let a_ram = a.try_as_plain_ram()?;
-        let shifted: Vec<u8>;
-        let a_u8: &[u8] = if self.a_signed {
-            shifted = a_ram.as_slice::<i8>()?.iter().map(|&v| (v as u8) ^ 0x80).collect();
-            &shifted
-        } else {
-            a_ram.as_slice::<u8>()?
-        };
         let a0 = match self.a_zero {
             LeftZero::Const(z) => z,
             LeftZero::Input => {
@@ -249,6 +241,17 @@ impl EvalOp for Int8MatMul {
                 let v = z.cast_to::<i32>()?.try_as_plain_ram()?.as_slice::<i32>()?[0] + if self.a_signed { 128 } else { 0 };
                 u8::try_from(v).map_err(|_| format_err!("Int8MatMul: zero point {v} out of range"))?
             }
+        };
+        if let (Weights::Tiles(w), None) = (&self.weights, &self.b_zero) {
+            return Ok(tvec![self.eval_tiles(w, &inputs, m, a0, &out_shape)?]);
+        }
+        let a_ram = a.try_as_plain_ram()?;
+        let shifted: Vec<u8>;
+        let a_u8: &[u8] = if self.a_signed {
+            shifted = a_ram.as_slice::<i8>()?.iter().map(|&v| (v as u8) ^ 0x80).collect();
+            &shifted
+        } else {
+            a_ram.as_slice::<u8>()?
         };
         let mut out = match &self.weights {
             Weights::Gemv(w) => {
@@ -307,12 +310,51 @@ impl EvalOp for Int8MatMul {
         ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
         let s = s.try_as_plain_ram()?;
         let s = s.as_slice::<f32>()?;
-        // The graph's order and roundings: Cast to f32, × the row's scale, × the column's.
         let mut y = vec![0f32; m * self.n];
-        for ((y_row, acc_row), &sr) in y.chunks_exact_mut(self.n).zip(out_data.chunks_exact(self.n)).zip(s) {
-            y_row.iter_mut().zip(acc_row).zip(ws.iter()).for_each(|((y, &acc), &w)| *y = (acc as f32 * sr) * w);
-        }
+        dequantize_rows(out_data, s, ws, &mut y);
         Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(&*out_shape, y)?.into_tvalue()])
+    }
+}
+
+impl Int8MatMul {
+    /// The product on [`GemvWeights::gemm_tiles_map`] (weights without zero points): each
+    /// thread centers its own rows as it packs them (from i8 directly, no shifted copy) and
+    /// dequantizes its own rows of the result, so nothing but the product's bookkeeping runs on
+    /// one thread. Same values as the other path: `a − a0` is the same integer either way.
+    fn eval_tiles(&self, w: &GemvWeights, inputs: &TVec<TValue>, m: usize, a0: u8, out_shape: &[usize]) -> TractResult<TValue> {
+        let (k, n) = (self.k, self.n);
+        let a = inputs[0].try_as_plain_ram()?;
+        // An i8 value v stands for the u8 v + 128 of the other paths, so a − a0 = v − (a0 − 128).
+        let zero = a0 as i16 - if self.a_signed { 128 } else { 0 };
+        let (signed, unsigned) = if self.a_signed { (a.as_slice::<i8>()?, &[][..]) } else { (&[][..], a.as_slice::<u8>()?) };
+        let center = |r: usize, dst: &mut [i16]| {
+            if self.a_signed {
+                dst.iter_mut().zip(&signed[r * k..(r + 1) * k]).for_each(|(d, &v)| *d = v as i16 - zero);
+            } else {
+                dst.iter_mut().zip(&unsigned[r * k..(r + 1) * k]).for_each(|(d, &v)| *d = v as i16 - zero);
+            }
+        };
+        let Some(ws) = &self.dequantize else {
+            let mut out = vec![0i32; m * n];
+            with_threads(m, || w.gemm_tiles_map(m, center, &mut out, |_, acc, out| out.copy_from_slice(acc)));
+            return Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, out)?.into_tvalue());
+        };
+        let s = inputs.last().context("Int8MatMul: missing row scales")?;
+        ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
+        let s = s.try_as_plain_ram()?;
+        let s = s.as_slice::<f32>()?;
+        let mut y = vec![0f32; m * n];
+        with_threads(m, || w.gemm_tiles_map(m, center, &mut y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y)));
+        Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
+    }
+}
+
+/// `y[r, c] = (acc[r, c] as f32 · s[r]) · ws[c]` for `acc, y: [rows, N]`, `ws: [N]`: the graph's
+/// order and roundings (Cast to f32, × the row's scale, × the column's; [`fuse_dequantize`]).
+fn dequantize_rows(acc: &[i32], s: &[f32], ws: &[f32], y: &mut [f32]) {
+    let n = ws.len();
+    for ((y_row, acc_row), &sr) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)).zip(s) {
+        y_row.iter_mut().zip(acc_row).zip(ws).for_each(|((y, &acc), &w)| *y = (acc as f32 * sr) * w);
     }
 }
 

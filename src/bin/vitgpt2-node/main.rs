@@ -6,9 +6,10 @@ mod generation;
 
 use args::{Cli, Command};
 use clap::Parser;
-use vitgpt2::{bench, commands, node};
+use vitgpt2::{bench, commands, node, runtime};
 
 fn main() {
+    runtime::quiet_error_backtraces();
     let cli = Cli::parse();
     let code = match &cli.command {
         Command::Caption(a) => {
