@@ -256,10 +256,14 @@ impl EvalOp for Int8MatMul {
         let mut out = match &self.weights {
             Weights::Gemv(w) => {
                 let mut out = vec![0i32; m * self.n];
-                // One thread even with --threads 2: split by columns across rayon's pool, a token
-                // got slower here (19 → 27 ms; the LM head alone split: 23–24 ms, beam 4 1.5×
-                // slower), the workers' wake-ups costing more than the second core's bandwidth.
-                w.gemm(a_u8, m, a0, &mut out);
+                // One row with 2+ threads: its columns halved with a helper thread that stays
+                // awake through the step (split across rayon's pool, a token got slower: 19 → 27
+                // ms, the workers' wake-ups costing more than the second core's bandwidth).
+                if m == 1 && threads() > 1 {
+                    w.gemv_on_two(a_u8, a0, &mut out);
+                } else {
+                    w.gemm(a_u8, m, a0, &mut out);
+                }
                 tract_ndarray::ArrayD::from_shape_vec(&*out_shape, out)?.into_tensor()
             }
             Weights::Tiles(w) => {

@@ -28,6 +28,8 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::helper_thread;
+
 /// Columns per group: four 16-lane i32 accumulators per row.
 const GROUP: usize = 64;
 /// Rows held in registers at once on AVX-512 (4 × 4 accumulators + 4 weights + 4 broadcasts
@@ -156,9 +158,30 @@ impl GemvWeights {
             // head 4.8 → 3.6 ms, measured on an AMD EPYC, Zen 3).
             return self.gemm_tiles(a, m, a0, out);
         }
-        // The rows as little-endian u32 words of 4 k-values, zero-padded to ⌈K/4⌉.
-        let words: Vec<i32> = a
-            .chunks_exact(self.k)
+        let words = self.words(a);
+        self.groups(&words, m, a0, 0..self.n.div_ceil(GROUP), out, 0);
+    }
+
+    /// As [`gemm`](Self::gemm) for one row (a greedy decoder step), its column groups halved
+    /// between the calling thread and [`helper_thread`]'s thread, which stays awake between a
+    /// step's products: the product is bound by memory bandwidth, and two cores read more.
+    pub fn gemv_on_two(&self, a: &[u8], a0: u8, out: &mut [i32]) {
+        assert!(a.len() == self.k && out.len() == self.n, "GemvWeights::gemv_on_two: operand sizes");
+        assert!(isa().is_some(), "GemvWeights::gemv_on_two on a CPU without AVX-512 VNNI or AVX2");
+        let groups = self.n.div_ceil(GROUP);
+        let words = self.words(a);
+        let mid = groups / 2;
+        let (lo, hi) = out.split_at_mut((mid * GROUP).min(self.n));
+        let hi = std::sync::Mutex::new(hi);
+        helper_thread::join(
+            || self.groups(&words, 1, a0, 0..mid, lo, 0),
+            || self.groups(&words, 1, a0, mid..groups, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), mid * GROUP),
+        );
+    }
+
+    /// The rows of `a` (each `K` u8) as little-endian u32 words of 4 k-values, zero-padded to ⌈K/4⌉.
+    fn words(&self, a: &[u8]) -> Vec<i32> {
+        a.chunks_exact(self.k)
             .flat_map(|row| {
                 (0..self.kg).map(move |g| {
                     let mut b = [0u8; 4];
@@ -168,11 +191,17 @@ impl GemvWeights {
                     i32::from_le_bytes(b)
                 })
             })
-            .collect();
+            .collect()
+    }
+
+    /// [`gemm`](Self::gemm)'s products for the column groups `groups` into `out`, which holds
+    /// columns `col0..` of one row (`m` = 1) or all of `m` rows (`col0` = 0).
+    fn groups(&self, words: &[i32], m: usize, a0: u8, groups: std::ops::Range<usize>, out: &mut [i32], col0: usize) {
+        let isa = isa();
         let zero_term = |nn: usize| (a0 as i32).wrapping_mul(self.col_sums[nn]);
         let block = if isa == Some(Isa::Avx2) { 2 } else { MAX_ROWS };
         let mut tile = [[0i32; GROUP]; MAX_ROWS];
-        for j in 0..self.n.div_ceil(GROUP) {
+        for j in groups {
             let w = &self.w[j * self.kg * 4 * GROUP..(j + 1) * self.kg * 4 * GROUP];
             let cols = GROUP.min(self.n - j * GROUP);
             for r0 in (0..m).step_by(block) {
@@ -191,7 +220,7 @@ impl GemvWeights {
                     }
                 }
                 for (r, acc) in tile.iter().enumerate().take(rows) {
-                    let out_row = &mut out[(r0 + r) * self.n + j * GROUP..][..cols];
+                    let out_row = &mut out[(r0 + r) * self.n + j * GROUP - col0..][..cols];
                     for (c, o) in out_row.iter_mut().enumerate() {
                         *o = acc[c].wrapping_sub(zero_term(j * GROUP + c));
                     }

@@ -6,6 +6,7 @@
 pub mod f32_ops;
 pub mod fast;
 pub mod graph;
+pub mod helper_thread;
 pub mod int8;
 pub mod int8_gemv;
 pub mod onnx_file;

@@ -1,0 +1,152 @@
+//! One helper thread that stays awake between the small jobs of a decoder step, so that a
+//! memory-bound product can read its weights with two cores. rayon's workers fall asleep
+//! between a token's ~100 products, and waking one for each cost more than the second core's
+//! bandwidth brought (README "Performance": a token 19 → 27 ms split through rayon). This
+//! thread spins for [`SPIN`] after each job (a step's products are tens of microseconds
+//! apart), then parks until the next.
+
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long the helper spins for the next job before it parks: longer than the gaps inside a
+/// caption (between a step's products, between steps), shorter than the gap between captions.
+const SPIN: Duration = Duration::from_millis(2);
+
+type Job<'a> = dyn Fn() + Sync + 'a;
+
+struct Shared {
+    /// The job: a `*const &Job`, valid until `done` reaches the `posted` it came with.
+    job: AtomicPtr<()>,
+    posted: AtomicUsize,
+    done: AtomicUsize,
+    /// Set while the helper waits on `wake` rather than spinning.
+    parked: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+    /// A panic of the last job, handed back to the caller.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+struct Helper {
+    shared: &'static Shared,
+    /// One caller at a time (tests run graphs on several threads at once).
+    caller: Mutex<()>,
+}
+
+fn helper() -> Option<&'static Helper> {
+    static HELPER: OnceLock<Option<Helper>> = OnceLock::new();
+    HELPER
+        .get_or_init(|| {
+            // On one core a spinning helper would only take turns with the caller.
+            if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+                return None;
+            }
+            let shared: &'static Shared = Box::leak(Box::new(Shared {
+                job: AtomicPtr::new(std::ptr::null_mut()),
+                posted: AtomicUsize::new(0),
+                done: AtomicUsize::new(0),
+                parked: AtomicBool::new(false),
+                lock: Mutex::new(()),
+                wake: Condvar::new(),
+                panic: Mutex::new(None),
+            }));
+            // No helper (the caller runs both halves) if the thread cannot start.
+            std::thread::Builder::new().name("vitgpt2-helper".into()).spawn(move || serve(shared)).ok()?;
+            Some(Helper { shared, caller: Mutex::new(()) })
+        })
+        .as_ref()
+}
+
+fn serve(s: &'static Shared) {
+    let mut seen = 0;
+    loop {
+        let since = Instant::now();
+        let mut n = 0u32;
+        while s.posted.load(Ordering::Acquire) == seen {
+            n = n.wrapping_add(1);
+            if n % 1024 == 0 && since.elapsed() > SPIN {
+                let mut guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.parked.store(true, Ordering::SeqCst);
+                while s.posted.load(Ordering::SeqCst) == seen {
+                    guard = s.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+                }
+                s.parked.store(false, Ordering::SeqCst);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        seen = s.posted.load(Ordering::Acquire);
+        // Safety: the caller keeps the job alive until `done` reaches `seen` (see `join`).
+        let job = unsafe { &**(s.job.load(Ordering::Acquire) as *const &Job) };
+        if let Err(p) = catch_unwind(AssertUnwindSafe(job)) {
+            *s.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        }
+        s.done.store(seen, Ordering::Release);
+    }
+}
+
+/// Runs `a` on the calling thread and `b` on the helper at the same time, and returns when
+/// both are done (a panic in either is resumed here). Where the helper is busy with another
+/// caller, could not start or would share a single core, runs both here, one after the other.
+pub fn join(a: impl FnOnce(), b: impl Fn() + Sync) {
+    let Some(h) = helper() else {
+        a();
+        b();
+        return;
+    };
+    let Ok(_only) = h.caller.try_lock() else {
+        a();
+        b();
+        return;
+    };
+    let s = h.shared;
+    let job: &Job = &b;
+    s.job.store(&job as *const &Job as *mut (), Ordering::Release);
+    let ticket = s.posted.fetch_add(1, Ordering::SeqCst) + 1;
+    if s.parked.load(Ordering::SeqCst) {
+        let _guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.wake.notify_one();
+    }
+    // Wait for the helper even if `a` panics: it reads `b` until it is done.
+    let mine = catch_unwind(AssertUnwindSafe(a));
+    while s.done.load(Ordering::Acquire) != ticket {
+        std::hint::spin_loop();
+    }
+    if let Err(p) = mine {
+        resume_unwind(p);
+    }
+    if let Some(p) = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        resume_unwind(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn both_halves_run_every_time() {
+        let (a, b) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        for i in 0..2000 {
+            // Now and then a pause, so the helper parks and must be woken.
+            if i % 500 == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            super::join(|| _ = a.fetch_add(1, Ordering::Relaxed), || _ = b.fetch_add(1, Ordering::Relaxed));
+        }
+        assert_eq!((a.into_inner(), b.into_inner()), (2000, 2000));
+    }
+
+    #[test]
+    fn a_panic_on_the_helper_reaches_the_caller() {
+        let r = std::panic::catch_unwind(|| super::join(|| {}, || panic!("helper job")));
+        assert!(r.is_err());
+        // And the helper still serves.
+        let n = AtomicUsize::new(0);
+        super::join(|| {}, || _ = n.fetch_add(1, Ordering::Relaxed));
+        assert_eq!(n.into_inner(), 1);
+    }
+}
