@@ -256,11 +256,11 @@ impl EvalOp for Int8MatMul {
         let mut out = match &self.weights {
             Weights::Gemv(w) => {
                 let mut out = vec![0i32; m * self.n];
-                // One row with 2+ threads: its columns halved with a helper thread that stays
-                // awake through the step (split across rayon's pool, a token got slower: 19 → 27
-                // ms, the workers' wake-ups costing more than the second core's bandwidth).
-                if m == 1 && threads() > 1 {
-                    w.gemv_on_two(a_u8, a0, &mut out);
+                // With 2+ threads: the columns halved with a helper thread that stays awake
+                // through the step (split across rayon's pool, a token got slower: 19 → 27 ms,
+                // the workers' wake-ups costing more than the second core's bandwidth).
+                if threads() > 1 {
+                    w.gemm_on_two(a_u8, m, a0, &mut out);
                 } else {
                     w.gemm(a_u8, m, a0, &mut out);
                 }

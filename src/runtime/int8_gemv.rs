@@ -162,12 +162,21 @@ impl GemvWeights {
         self.groups(&words, m, a0, 0..self.n.div_ceil(GROUP), out, 0);
     }
 
-    /// As [`gemm`](Self::gemm) for one row (a greedy decoder step), its column groups halved
-    /// between the calling thread and [`helper_thread`]'s thread, which stays awake between a
-    /// step's products: the product is bound by memory bandwidth, and two cores read more.
-    pub fn gemv_on_two(&self, a: &[u8], a0: u8, out: &mut [i32]) {
-        assert!(a.len() == self.k && out.len() == self.n, "GemvWeights::gemv_on_two: operand sizes");
-        assert!(isa().is_some(), "GemvWeights::gemv_on_two on a CPU without AVX-512 VNNI or AVX2");
+    /// As [`gemm`](Self::gemm), the column groups halved between the calling thread and
+    /// [`helper_thread`]'s thread, which stays awake between a step's products: a decoder step's
+    /// product is bound by memory bandwidth, and two cores read more. One row (greedy) here; 3
+    /// or more on AVX2 (beam search) through the tiles, halved the same way; 2 rows (or 2–4 with
+    /// VNNI) as [`gemm`](Self::gemm), on the calling thread.
+    pub fn gemm_on_two(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
+        assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm_on_two: operand sizes");
+        let isa = isa();
+        assert!(isa.is_some(), "GemvWeights::gemm_on_two on a CPU without AVX-512 VNNI or AVX2");
+        if isa == Some(Isa::Avx2) && m >= 3 {
+            return self.tiles_on_two(a, m, a0, out);
+        }
+        if m != 1 {
+            return self.gemm(a, m, a0, out);
+        }
         let groups = self.n.div_ceil(GROUP);
         let words = self.words(a);
         let mid = groups / 2;
@@ -177,6 +186,29 @@ impl GemvWeights {
             || self.groups(&words, 1, a0, 0..mid, lo, 0),
             || self.groups(&words, 1, a0, mid..groups, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), mid * GROUP),
         );
+    }
+
+    /// [`gemm_tiles`](Self::gemm_tiles) for a few rows, the column groups halved with the helper.
+    fn tiles_on_two(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
+        let (kp, n) = (self.kg * 4, self.n);
+        let mut packed = vec![0i16; m * kp];
+        for (dst, row) in packed.chunks_exact_mut(kp).zip(a.chunks_exact(self.k)) {
+            dst.iter_mut().zip(row).for_each(|(d, &v)| *d = v as i16 - a0 as i16);
+        }
+        let groups = n.div_ceil(GROUP);
+        let mid = groups / 2;
+        let c_mid = (mid * GROUP).min(n);
+        let mut lo = vec![0i32; m * c_mid];
+        let hi = std::sync::Mutex::new(vec![0i32; m * (n - c_mid)]);
+        helper_thread::join(
+            || self.tiles(&packed, m, &mut lo, c_mid, 0..mid),
+            || self.tiles(&packed, m, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), n - c_mid, mid..groups),
+        );
+        let hi = hi.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (r, out_row) in out.chunks_exact_mut(n).enumerate() {
+            out_row[..c_mid].copy_from_slice(&lo[r * c_mid..][..c_mid]);
+            out_row[c_mid..].copy_from_slice(&hi[r * (n - c_mid)..][..n - c_mid]);
+        }
     }
 
     /// The rows of `a` (each `K` u8) as little-endian u32 words of 4 k-values, zero-padded to ⌈K/4⌉.
@@ -384,7 +416,7 @@ impl GemvWeights {
             let mut packed = vec![0i16; rows * kp];
             packed.chunks_exact_mut(kp).enumerate().for_each(|(r, dst)| center(r0 + r, &mut dst[..self.k]));
             let mut acc = vec![0i32; rows * self.n];
-            self.tiles(&packed, rows, &mut acc);
+            self.tiles(&packed, rows, &mut acc, self.n, 0..self.n.div_ceil(GROUP));
             finish(r0, &acc, out);
         };
         if threads > 1 && rows_per >= TILE_ROWS && m > rows_per {
@@ -395,12 +427,14 @@ impl GemvWeights {
         }
     }
 
-    /// `out [rows, N] += packed [rows, ⌈K/4⌉·4] · b`, blocked as the constants above say.
-    fn tiles(&self, packed: &[i16], rows: usize, out: &mut [i32]) {
+    /// `out [rows, N] += packed [rows, ⌈K/4⌉·4] · b` for the column groups `groups`, blocked as
+    /// the constants above say; `out` holds those groups' columns of each row, `stride` apart.
+    fn tiles(&self, packed: &[i16], rows: usize, out: &mut [i32], stride: usize, groups: std::ops::Range<usize>) {
         let kp = self.kg * 4;
+        let col0 = groups.start * GROUP;
         for g0 in (0..self.kg).step_by(TILE_KG) {
             let steps = TILE_KG.min(self.kg - g0);
-            for j in 0..self.n.div_ceil(GROUP) {
+            for j in groups.clone() {
                 let cols = GROUP.min(self.n - j * GROUP);
                 for e in 0..cols.div_ceil(8) {
                     // 8 columns' 4 k-values: 32 bytes of each 256-byte step.
@@ -418,15 +452,15 @@ impl GemvWeights {
                         // the kernel for `n_rows` reads only the first `n_rows`.
                         let row = |r: usize| &packed[(r0 + r.min(n_rows - 1)) * kp + 4 * g0..][..4 * steps];
                         let c0 = j * GROUP + 8 * e;
-                        let (o, width) = (&mut out[r0 * self.n + c0..], 8.min(self.n - c0));
+                        let (o, width) = (&mut out[r0 * stride + c0 - col0..], 8.min(self.n - c0));
                         let tile_rows: [&[i16]; TILE_ROWS] = std::array::from_fn(row);
                         // Safety: isa() was checked by the caller; the slices have the lengths read.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
                             if next.lines > 0 {
-                                tile_avx2::<true>(n_rows, w, tile_rows, o, self.n, width, &next)
+                                tile_avx2::<true>(n_rows, w, tile_rows, o, stride, width, &next)
                             } else {
-                                tile_avx2::<false>(n_rows, w, tile_rows, o, self.n, width, &next)
+                                tile_avx2::<false>(n_rows, w, tile_rows, o, stride, width, &next)
                             }
                         }
                     }
