@@ -8,7 +8,7 @@
 use std::any::Any;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long the helper spins for the next job before it parks: longer than the gaps inside a
@@ -97,10 +97,15 @@ pub fn join(a: impl FnOnce(), b: impl Fn() + Sync) {
         b();
         return;
     };
-    let Ok(_only) = h.caller.try_lock() else {
-        a();
-        b();
-        return;
+    // A panic resumed below poisons `caller` as it unwinds; the helper is fine (it caught it).
+    let _only = match h.caller.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            a();
+            b();
+            return;
+        }
     };
     let s = h.shared;
     let job: &Job = &b;
@@ -112,13 +117,22 @@ pub fn join(a: impl FnOnce(), b: impl Fn() + Sync) {
     }
     // Wait for the helper even if `a` panics: it reads `b` until it is done.
     let mine = catch_unwind(AssertUnwindSafe(a));
+    let mut n = 0u32;
     while s.done.load(Ordering::Acquire) != ticket {
-        std::hint::spin_loop();
+        n = n.wrapping_add(1);
+        // Now and then give the core away, in case the helper shares it.
+        if n % 1024 == 0 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
+    // Taken either way, so that it cannot surface in a later call.
+    let theirs = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Err(p) = mine {
         resume_unwind(p);
     }
-    if let Some(p) = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(p) = theirs {
         resume_unwind(p);
     }
 }
@@ -142,9 +156,29 @@ mod tests {
 
     #[test]
     fn a_panic_on_the_helper_reaches_the_caller() {
-        let r = std::panic::catch_unwind(|| super::join(|| {}, || panic!("helper job")));
+        for _ in 0..2 {
+            let r = std::panic::catch_unwind(|| super::join(|| {}, || panic!("helper job")));
+            assert!(r.is_err());
+        }
+        // Both halves panicking: one panic reaches the caller, none is left for a later call.
+        let r = std::panic::catch_unwind(|| super::join(|| panic!("caller half"), || panic!("helper half")));
         assert!(r.is_err());
-        // And the helper still serves.
+        super::join(|| {}, || {});
+        // And the helper still serves: `b` runs on another thread (retried, since the other test
+        // may hold the helper; with one core there is no helper).
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+            let me = std::thread::current().id();
+            let on_helper = (0..1000).any(|_| {
+                let id = std::sync::Mutex::new(me);
+                super::join(|| {}, || *id.lock().unwrap() = std::thread::current().id());
+                let other = *id.lock().unwrap() != me;
+                if !other {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                other
+            });
+            assert!(on_helper, "after a panic, jobs no longer reach the helper thread");
+        }
         let n = AtomicUsize::new(0);
         super::join(|| {}, || _ = n.fetch_add(1, Ordering::Relaxed));
         assert_eq!(n.into_inner(), 1);

@@ -174,10 +174,10 @@ impl GemvWeights {
         if isa == Some(Isa::Avx2) && m >= 3 {
             return self.tiles_on_two(a, m, a0, out);
         }
-        if m != 1 {
+        let groups = self.n.div_ceil(GROUP);
+        if m != 1 || groups < 2 {
             return self.gemm(a, m, a0, out);
         }
-        let groups = self.n.div_ceil(GROUP);
         let words = self.words(a);
         let mid = groups / 2;
         let (lo, hi) = out.split_at_mut((mid * GROUP).min(self.n));
@@ -191,11 +191,14 @@ impl GemvWeights {
     /// [`gemm_tiles`](Self::gemm_tiles) for a few rows, the column groups halved with the helper.
     fn tiles_on_two(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
         let (kp, n) = (self.kg * 4, self.n);
+        let groups = n.div_ceil(GROUP);
+        if groups < 2 {
+            return self.gemm_tiles(a, m, a0, out);
+        }
         let mut packed = vec![0i16; m * kp];
         for (dst, row) in packed.chunks_exact_mut(kp).zip(a.chunks_exact(self.k)) {
             dst.iter_mut().zip(row).for_each(|(d, &v)| *d = v as i16 - a0 as i16);
         }
-        let groups = n.div_ceil(GROUP);
         let mid = groups / 2;
         let c_mid = (mid * GROUP).min(n);
         let mut lo = vec![0i32; m * c_mid];
@@ -229,6 +232,7 @@ impl GemvWeights {
     /// [`gemm`](Self::gemm)'s products for the column groups `groups` into `out`, which holds
     /// columns `col0..` of one row (`m` = 1) or all of `m` rows (`col0` = 0).
     fn groups(&self, words: &[i32], m: usize, a0: u8, groups: std::ops::Range<usize>, out: &mut [i32], col0: usize) {
+        debug_assert!(m == 1 || col0 == 0, "GemvWeights::groups: a column offset for one row only");
         let isa = isa();
         let zero_term = |nn: usize| (a0 as i32).wrapping_mul(self.col_sums[nn]);
         let block = if isa == Some(Isa::Avx2) { 2 } else { MAX_ROWS };
