@@ -63,7 +63,7 @@ impl FastRuntime {
         };
         // One after the other by default; `VITGPT2_PARALLEL_LOAD=1` loads them on two threads.
         // Measured (README "Performance"): in parallel a restart captions ~0.25 s sooner but
-        // peaks higher (both graphs' transient copies at once, in two malloc arenas): +37–42 MiB.
+        // peaks higher (both graphs' transient copies at once, in two malloc arenas): +36–41 MiB.
         let enc_specs = |_: &InferenceModel| vec![InputSpec::new(tensor::PIXEL_VALUES, f32::datum_type(), [1, 3, h, w].map(TDim::from).to_vec())];
         let (encoder, decoder_step) = if std::env::var("VITGPT2_PARALLEL_LOAD").as_deref() != Ok("1") {
             (Graph::load(encoder, enc_specs, &enc_outputs)?, Graph::load(decoder_step, specs, &dec_outputs)?)
