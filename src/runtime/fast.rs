@@ -61,11 +61,9 @@ impl FastRuntime {
             }
             v
         };
-        // One after the other by default; `VITGPT2_PARALLEL_LOAD=1` loads them on two threads.
-        // Measured (README "Performance"): in parallel a restart captions ~0.25 s sooner but
-        // peaks higher (both graphs' transient copies at once, in two malloc arenas): +36–41 MiB.
+        // On two threads where the CPU has two cores (see `parallel_load`).
         let enc_specs = |_: &InferenceModel| vec![InputSpec::new(tensor::PIXEL_VALUES, f32::datum_type(), [1, 3, h, w].map(TDim::from).to_vec())];
-        let (encoder, decoder_step) = if std::env::var("VITGPT2_PARALLEL_LOAD").as_deref() != Ok("1") {
+        let (encoder, decoder_step) = if !parallel_load() {
             (Graph::load(encoder, enc_specs, &enc_outputs)?, Graph::load(decoder_step, specs, &dec_outputs)?)
         } else {
             std::thread::scope(|scope| {
@@ -180,5 +178,20 @@ impl DecoderSession for FastSession<'_> {
             self.past = self.past.iter().map(|t| gather_rows("decoder", t, rows)).collect::<Result<Vec<_>>>()?;
         }
         Ok(())
+    }
+}
+
+/// Whether the encoder and decoder graphs load at the same time, on two threads: by default where
+/// the CPU has two cores or more (whatever `--threads` says: this is before any caption);
+/// `VITGPT2_PARALLEL_LOAD=0` loads them one after the other, `=1` in parallel even on one core.
+/// Measured on the full-size int8 bundle (README "Performance"): the load ~0.4–0.6 s shorter, peak
+/// RSS as one after the other (326–331 MiB). It used to cost +36–41 MiB (each graph's weights
+/// also in its protobuf, see `raw_data`; glibc keeping each thread's freed blocks, see
+/// `runtime::load`), which is why it was off.
+pub fn parallel_load() -> bool {
+    match std::env::var("VITGPT2_PARALLEL_LOAD").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
     }
 }

@@ -11,6 +11,7 @@ use tract_onnx::prelude::*;
 
 use super::{f32_ops, int8, quantize};
 use super::onnx_file::OnnxFile;
+use super::raw_data::RawData;
 use crate::error::{chain, Error, Result};
 
 /// One ONNX graph, optimized and ready to run, with its input and output names in order.
@@ -103,14 +104,15 @@ impl Graph {
     /// (and may look at which inputs the graph declares).
     /// Takes the file so that its protobuf is freed as soon as tract has parsed it.
     pub fn load(file: OnnxFile, specs: impl FnOnce(&InferenceModel) -> Vec<InputSpec>, outputs: &[String]) -> Result<Self> {
-        Self::from_proto(&file.path, file.proto, specs, outputs)
+        Self::from_proto(&file.path, file.proto, file.raw.as_ref(), specs, outputs)
     }
 
     /// As [`Self::load`] for a protobuf derived from the file at `path` (external data is read
-    /// relative to its folder; errors name it).
+    /// relative to its folder; errors name it), its deferred initializers read through `raw`.
     pub fn from_proto(
         path: &Path,
         mut proto: ModelProto,
+        raw: Option<&RawData>,
         specs: impl FnOnce(&InferenceModel) -> Vec<InputSpec>,
         outputs: &[String],
     ) -> Result<Self> {
@@ -118,7 +120,7 @@ impl Graph {
         let t0 = std::time::Instant::now();
         let unreadable = |e: TractError| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {}", chain(&e)));
         let onnx = tract_onnx::onnx().with_ignore_value_info(true);
-        let weights = take_initializers(&onnx, &mut proto, dir).map_err(unreadable)?;
+        let weights = take_initializers(&onnx, &mut proto, raw, dir).map_err(unreadable)?;
         let parsed = onnx.parse(&proto, dir).map_err(unreadable)?;
         drop(proto);
         let mut model = parsed.model;
@@ -334,18 +336,26 @@ pub(crate) fn swap_node(model: &mut TypedModel, id: usize, op: impl Into<Box<dyn
 /// freed as soon as its tensor is made: tract's own parse holds every weight twice (protobuf and
 /// tensor) until it returns, the highest point of a caption's memory (the decoder's 137 MB of
 /// int8 weights, twice, beside the loaded encoder). Initializers that ONNX before IR 4 also
-/// lists as graph inputs (defaults) leave that list: tract makes them constants too.
-fn take_initializers(onnx: &tract_onnx::Onnx, proto: &mut ModelProto, dir: Option<&str>) -> TractResult<Vec<(String, Tensor)>> {
+/// lists as graph inputs (defaults) leave that list: tract makes them constants too. Those whose
+/// bytes stayed in the file are read straight into their tensors (`raw`).
+fn take_initializers(onnx: &tract_onnx::Onnx, proto: &mut ModelProto, raw: Option<&RawData>, dir: Option<&str>) -> TractResult<Vec<(String, Tensor)>> {
     let Some(graph) = proto.graph.as_mut() else { return Ok(vec![]) };
     let initializers = std::mem::take(&mut graph.initializer);
     let names: std::collections::HashSet<&str> = initializers.iter().map(|t| t.name.as_str()).collect();
     graph.input.retain(|i| !names.contains(i.name.as_str()));
     drop(names);
     let mut out = Vec::with_capacity(initializers.len());
-    for t in initializers {
-        let tensor = tract_onnx::tensor::load_tensor(&*onnx.provider, &t, dir).map_err(|e| e.context(format!("initializer {}", t.name)))?;
+    let mut from_file = 0;
+    for mut t in initializers {
+        let direct = raw.map(|r| r.read_tensor(&mut t)).transpose().map_err(|e| e.context(format!("initializer {}", t.name)))?.flatten();
+        from_file += direct.is_some() as usize;
+        let tensor = match direct {
+            Some(tensor) => tensor,
+            None => tract_onnx::tensor::load_tensor(&*onnx.provider, &t, dir).map_err(|e| e.context(format!("initializer {}", t.name)))?,
+        };
         out.push((t.name, tensor));
     }
+    tracing::debug!(initializers = out.len(), from_file, "weights read");
     Ok(out)
 }
 

@@ -9,74 +9,16 @@ use prost::Message;
 use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
 use tract_onnx::pb::{type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 
+use super::raw_data::{FileBuf, RawData};
 use crate::bundle::contract::tensor;
 use crate::error::{Error, Result};
 
-/// A file as prost's input, read in 1 MiB pieces: decoding then holds only the protobuf's own
-/// copy. (Through a memory map, the whole file counted as resident beside that copy while it
-/// decoded — the decoder's 137 MB twice, the top of a caption's peak RSS; measured in README
-/// "Performance".) A read error ends the input early (prost then reports a truncation) and is
-/// kept in `error`.
-struct FileBuf {
-    file: std::fs::File,
-    piece: Vec<u8>,
-    pos: usize,
-    remaining: usize,
-    error: Option<std::io::Error>,
-}
-
-impl FileBuf {
-    const PIECE: usize = 1 << 20;
-
-    fn new(file: std::fs::File) -> std::io::Result<Self> {
-        let remaining = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
-        let mut buf = FileBuf { file, piece: Vec::with_capacity(Self::PIECE), pos: 0, remaining, error: None };
-        buf.refill();
-        Ok(buf)
-    }
-
-    /// The next piece, when the current one is used up.
-    fn refill(&mut self) {
-        use std::io::Read;
-        if self.pos < self.piece.len() || self.remaining == 0 {
-            return;
-        }
-        self.piece.resize(Self::PIECE.min(self.remaining), 0);
-        self.pos = 0;
-        if let Err(e) = self.file.read_exact(&mut self.piece) {
-            // The file shrank or failed under us: nothing more to give.
-            self.piece.clear();
-            self.remaining = 0;
-            self.error = Some(e);
-        }
-    }
-}
-
-impl prost::bytes::Buf for FileBuf {
-    fn remaining(&self) -> usize {
-        self.remaining
-    }
-
-    fn chunk(&self) -> &[u8] {
-        &self.piece[self.pos..]
-    }
-
-    fn advance(&mut self, mut cnt: usize) {
-        // Across pieces if asked (prost takes at most the current chunk, but the trait allows more).
-        while cnt > 0 && self.remaining > 0 {
-            let take = cnt.min(self.piece.len() - self.pos);
-            self.pos += take;
-            self.remaining -= take;
-            cnt -= take;
-            self.refill();
-        }
-    }
-}
-
-/// A parsed ONNX file.
+/// A parsed ONNX file. The top-level initializers' long `raw_data` may still be in the file
+/// (markers, see [`raw_data`](super::raw_data)): read them with `raw`, or [`fill_all`](Self::fill_all).
 pub struct OnnxFile {
     pub path: PathBuf,
     pub proto: ModelProto,
+    pub raw: Option<RawData>,
 }
 
 impl OnnxFile {
@@ -85,17 +27,22 @@ impl OnnxFile {
         if !path.is_file() {
             return Err(Error::bundle(path, "missing file"));
         }
-        let file = std::fs::File::open(path).map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
-        let mut input = FileBuf::new(file).map_err(|e| Error::bundle(path, format!("cannot read: {e}")))?;
+        let cannot = |e: std::io::Error| Error::bundle(path, format!("cannot read: {e}"));
+        let file = std::fs::File::open(path).map_err(cannot)?;
+        let raw = RawData::new(&file).map_err(cannot)?;
+        let mut input = FileBuf::new(file, raw.as_ref().map(RawData::tag)).map_err(cannot)?;
         let decoded = ModelProto::decode(&mut input);
         if let Some(e) = input.error {
-            return Err(Error::bundle(path, format!("cannot read: {e}")));
+            return Err(cannot(e));
         }
-        let proto = decoded.map_err(|e| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {e}")))?;
+        let mut proto = decoded.map_err(|e| Error::bundle(path, format!("not a readable ONNX model (truncated, or not ONNX at all?): {e}")))?;
         if proto.graph.is_none() {
             return Err(Error::bundle(path, "not a readable ONNX model (truncated, or not ONNX at all?): no graph"));
         }
-        Ok(OnnxFile { path: path.to_path_buf(), proto })
+        if let Some(raw) = &raw {
+            raw.fill_nested(&mut proto).map_err(cannot)?;
+        }
+        Ok(OnnxFile { path: path.to_path_buf(), proto, raw })
     }
 
     /// Reads `path` and makes it ready for tract: external data checked, fp16 widened to f32.
@@ -107,6 +54,13 @@ impl OnnxFile {
             tracing::info!(graph = %path.display(), tensors = n, "fp16 graph widened to f32");
         }
         Ok(f)
+    }
+
+    /// Reads every initializer still in the file into the protobuf (for code that edits their
+    /// bytes, or wants the protobuf as it is on disk).
+    pub fn fill_all(&mut self) -> Result<()> {
+        let (Some(raw), Some(g)) = (&self.raw, self.proto.graph.as_mut()) else { return Ok(()) };
+        g.initializer.iter_mut().try_for_each(|t| raw.fill(&mut t.raw_data)).map_err(|e| Error::bundle(&self.path, format!("cannot read: {e}")))
     }
 
     /// The folder external data locations are relative to.
@@ -198,6 +152,7 @@ impl OnnxFile {
     /// f32 on the fp16-rounded weights (tract's f16 kernels are slow on CPUs without native
     /// half-precision products). Returns how many tensors were widened.
     pub fn widen_fp16(&mut self) -> Result<usize> {
+        self.fill_all()?;
         let dir = self.dir().to_path_buf();
         let path = self.path.clone();
         let graph = self.proto.graph.as_mut().ok_or_else(|| Error::bundle(&path, "no graph"))?;
@@ -419,7 +374,7 @@ mod tests {
         let (whole, cut) = (dir.join("whole.onnx"), dir.join("cut.onnx"));
         std::fs::write(&whole, &bytes).unwrap();
         std::fs::write(&cut, &bytes[..bytes.len() - 1_000_000]).unwrap();
-        let read = OnnxFile::read(&whole).map(|f| f.proto);
+        let read = OnnxFile::read(&whole).and_then(|mut f| f.fill_all().map(|()| f.proto));
         let err = OnnxFile::read(&cut).err().map(|e| e.to_string());
         std::fs::remove_dir_all(&dir).ok();
         assert!(read.as_ref().is_ok_and(|p| *p == proto), "decoded differently: {:?}", read.err());
