@@ -184,10 +184,10 @@ impl DecoderSession for FastSession<'_> {
 /// Whether the encoder and decoder graphs load at the same time, on two threads: by default where
 /// the CPU has two cores or more (whatever `--threads` says: this is before any caption);
 /// `VITGPT2_PARALLEL_LOAD=0` loads them one after the other, `=1` in parallel even on one core.
-/// Measured on the full-size int8 bundle (README "Performance"): the load ~0.4–0.6 s shorter, peak
-/// RSS as one after the other (326–331 MiB). It used to cost +36–41 MiB (each graph's weights
-/// also in its protobuf, see `raw_data`; glibc keeping each thread's freed blocks, see
-/// `runtime::load`), which is why it was off.
+/// Measured on the full-size int8 bundle (README "Performance"): the load ~0.6 s shorter (1,303 →
+/// 640–684 ms), peak RSS within a few MiB of one after the other (324–326 vs 322 MiB). It used to
+/// cost +36–41 MiB (each graph's weights also in its protobuf, see `raw_data`; glibc keeping each
+/// thread's freed blocks, see `runtime::load`), which is why it was off.
 pub fn parallel_load() -> bool {
     match std::env::var("VITGPT2_PARALLEL_LOAD").as_deref() {
         Ok("0") => false,

@@ -109,7 +109,7 @@ impl Graph {
 
     /// As [`Self::load`] for a protobuf derived from the file at `path` (external data is read
     /// relative to its folder; errors name it), its deferred initializers read through `raw`.
-    pub fn from_proto(
+    fn from_proto(
         path: &Path,
         mut proto: ModelProto,
         raw: Option<&RawData>,

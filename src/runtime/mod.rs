@@ -116,35 +116,57 @@ pub(crate) fn release_freed_heap() {
     }
 }
 
+/// Whether [`load`] sets glibc's malloc thresholds around a load (see [`LoadHeap`]); off until
+/// [`manage_load_heap`] turns it on.
+static LOAD_HEAP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets [`load`] set glibc's malloc thresholds around each load ([`LoadHeap`]): for a process
+/// whose allocator nobody else tunes — `vitgpt2-node` calls it at the start of `main`; the host
+/// binary sets its own (`train::setup::configure_allocator`). Nothing happens where the
+/// environment already sets them (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`,
+/// `MALLOC_TOP_PAD_`, or malloc tunables in `GLIBC_TUNABLES`).
+pub fn manage_load_heap() {
+    let preset = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"].iter().any(|v| std::env::var_os(v).is_some())
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc"));
+    LOAD_HEAP.store(!preset, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// glibc's malloc while graphs load: every block of 1 MiB or more its own memory map, handed
-/// back to the kernel when freed. By default glibc raises that threshold as large blocks are
-/// freed, then keeps later ones in its heaps — one per thread — until trimmed: two graphs loading
-/// on two threads (`fast::parallel_load`) then peaked at 344–372 MiB against 322–327 with this
-/// (full-size int8 bundle, `bench` peak RSS, interleaved runs). Afterwards the thresholds are
-/// those glibc's own adjustment ends at (32 MiB, trim at twice that): a caption's buffers come
-/// from the heap and stay there for the next caption instead of being mapped and faulted in
-/// afresh (all mapped, the encoder ran 1.6× slower; 4 and 8 MiB still added ~50k page faults
-/// to a `bench` run).
-struct LoadHeap;
+/// back to the kernel when freed. By default glibc raises that threshold to the largest mapped
+/// block freed so far (up to 32 MiB), then keeps later blocks in its heaps — one per thread —
+/// until trimmed: two graphs loading on two threads (`fast::parallel_load`) then peaked at
+/// 344–372 MiB against 322–327 with this (full-size int8 bundle, `bench` peak RSS, four
+/// interleaved pairs). Afterwards 32 MiB, trim at 64 MiB: at or above anything glibc's own
+/// adjustment reaches, so a caption's buffers stay on the heap from one caption to the next
+/// instead of being mapped and faulted in afresh (all mapped, the encoder ran 1.6× slower; 4 and
+/// 8 MiB still added ~50–100 k page faults to a `bench` run; with these, as many as before).
+struct LoadHeap {
+    on: bool,
+}
 
 impl LoadHeap {
     fn enter() -> Self {
+        let on = LOAD_HEAP.load(std::sync::atomic::Ordering::Relaxed);
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // Safety: mallopt only sets malloc's parameters; it takes no pointers.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        if on {
+            // Safety: mallopt only sets malloc's parameters; it takes no pointers.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+            }
         }
-        LoadHeap
+        LoadHeap { on }
     }
 }
 
 impl Drop for LoadHeap {
     fn drop(&mut self) {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // Safety: as in `enter`.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        if self.on {
+            // Safety: as in `enter`.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+            }
         }
     }
 }

@@ -152,7 +152,14 @@ impl OnnxFile {
     /// f32 on the fp16-rounded weights (tract's f16 kernels are slow on CPUs without native
     /// half-precision products). Returns how many tensors were widened.
     pub fn widen_fp16(&mut self) -> Result<usize> {
-        self.fill_all()?;
+        // Only the fp16 weights come back into the protobuf; the rest still go straight to tensors.
+        if let (Some(raw), Some(g)) = (&self.raw, self.proto.graph.as_mut()) {
+            g.initializer
+                .iter_mut()
+                .filter(|t| t.data_type == DataType::Float16 as i32)
+                .try_for_each(|t| raw.fill(&mut t.raw_data))
+                .map_err(|e| Error::bundle(&self.path, format!("cannot read: {e}")))?;
+        }
         let dir = self.dir().to_path_buf();
         let path = self.path.clone();
         let graph = self.proto.graph.as_mut().ok_or_else(|| Error::bundle(&path, "no graph"))?;

@@ -356,4 +356,40 @@ mod tests {
         assert!(err.contains(&format!("{n} bytes")) && err.contains("shape [3,"), "{err}");
         assert!(again.as_ref().is_ok_and(|p| *p == proto), "filled back differently: {:?}", again.err());
     }
+
+    /// Fields longer than the 1 MiB pieces one after the other, short ones between them (each
+    /// skip seeks, and the short field after it must decode from the right place): every weight
+    /// read back from its own offset as tract's `load_tensor` reads the original; a bool weight
+    /// (not plain bytes) gets its bytes back for tract's own reading.
+    #[test]
+    fn long_fields_across_pieces() {
+        let sizes = [FileBuf::PIECE + 12_345, 3 * FileBuf::PIECE / 2, 2 * FileBuf::PIECE + 1];
+        let mut initializer = vec![];
+        for (i, &n) in sizes.iter().enumerate() {
+            initializer.push(tensor(&format!("w{i}"), DataType::Uint8, vec![n as i64], bytes(n, i as u32)));
+            initializer.push(tensor(&format!("b{i}"), DataType::Int8, vec![7], bytes(7, 9 + i as u32)));
+        }
+        initializer.push(tensor("mask", DataType::Bool, vec![5000], bytes(5000, 11).iter().map(|b| b & 1).collect()));
+        let proto = ModelProto { ir_version: 8, graph: Some(GraphProto { name: "g".into(), initializer, ..Default::default() }), ..Default::default() };
+        let dir = std::env::temp_dir().join(format!("vitgpt2-raw-pieces-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.onnx");
+        std::fs::write(&path, proto.encode_to_vec()).unwrap();
+        let read = OnnxFile::read(&path);
+        let again = OnnxFile::read(&path).and_then(|mut f| f.fill_all().map(|()| f.proto));
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(again.as_ref().is_ok_and(|p| *p == proto), "filled back differently: {:?}", again.err());
+        let Some(raw) = read.as_ref().expect("reads").raw.as_ref() else { return assert!(!cfg!(unix)) };
+        let provider = tract_onnx::data_resolver::MmapDataResolver;
+        let got = &read.as_ref().unwrap().proto.graph.as_ref().unwrap().initializer;
+        for (orig, got) in proto.graph.as_ref().unwrap().initializer.iter().zip(got) {
+            let expected = tract_onnx::tensor::load_tensor(&provider, orig, None).unwrap();
+            let mut t = got.clone();
+            match raw.read_tensor(&mut t).unwrap() {
+                Some(tensor) => assert!(orig.raw_data.len() >= DEFER_MIN && tensor == expected, "{}", orig.name),
+                None => assert!(t == *orig && (orig.raw_data.len() < DEFER_MIN || orig.name == "mask"), "{}", orig.name),
+            }
+        }
+    }
 }
+

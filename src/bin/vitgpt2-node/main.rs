@@ -10,6 +10,7 @@ use vitgpt2::{bench, commands, node, runtime};
 
 fn main() {
     runtime::quiet_error_backtraces();
+    runtime::manage_load_heap();
     let cli = Cli::parse();
     let code = match &cli.command {
         Command::Caption(a) => {
