@@ -295,6 +295,19 @@ mod tests {
         TensorProto { name: name.into(), dims, data_type: dt as i32, raw_data, ..Default::default() }
     }
 
+    /// `proto` written to a temporary file and read back: as `OnnxFile::read` leaves it, and with
+    /// every initializer filled back in.
+    fn write_and_read(proto: &ModelProto, name: &str) -> (crate::error::Result<OnnxFile>, crate::error::Result<ModelProto>) {
+        let dir = std::env::temp_dir().join(format!("vitgpt2-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.onnx");
+        std::fs::write(&path, proto.encode_to_vec()).unwrap();
+        let read = OnnxFile::read(&path);
+        let filled = OnnxFile::read(&path).and_then(|mut f| f.fill_all().map(|()| f.proto));
+        std::fs::remove_dir_all(&dir).ok();
+        (read, filled)
+    }
+
     /// Long fields stay in the file only where they are read back: top-level weights into
     /// tensors equal to tract's own `load_tensor`, everything else filled in at once — a Constant
     /// node's tensor, a long attribute string, a subgraph's initializer — and a genuine 32-byte
@@ -325,13 +338,7 @@ mod tests {
         };
         let graph = GraphProto { name: "g".into(), node: vec![konst, with_sub], initializer: vec![weight.clone(), small.clone(), fake.clone(), odd_shape], ..Default::default() };
         let proto = ModelProto { ir_version: 8, graph: Some(graph), ..Default::default() };
-        let dir = std::env::temp_dir().join(format!("vitgpt2-raw-data-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("model.onnx");
-        std::fs::write(&path, proto.encode_to_vec()).unwrap();
-        let read = OnnxFile::read(&path);
-        let again = OnnxFile::read(&path).and_then(|mut f| f.fill_all().map(|()| f.proto));
-        std::fs::remove_dir_all(&dir).ok();
+        let (read, again) = write_and_read(&proto, "raw-data");
         let mut file = read.expect("reads");
         if !cfg!(unix) {
             return assert!(file.raw.is_none() && file.proto == proto);
@@ -371,13 +378,7 @@ mod tests {
         }
         initializer.push(tensor("mask", DataType::Bool, vec![5000], bytes(5000, 11).iter().map(|b| b & 1).collect()));
         let proto = ModelProto { ir_version: 8, graph: Some(GraphProto { name: "g".into(), initializer, ..Default::default() }), ..Default::default() };
-        let dir = std::env::temp_dir().join(format!("vitgpt2-raw-pieces-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("model.onnx");
-        std::fs::write(&path, proto.encode_to_vec()).unwrap();
-        let read = OnnxFile::read(&path);
-        let again = OnnxFile::read(&path).and_then(|mut f| f.fill_all().map(|()| f.proto));
-        std::fs::remove_dir_all(&dir).ok();
+        let (read, again) = write_and_read(&proto, "raw-pieces");
         assert!(again.as_ref().is_ok_and(|p| *p == proto), "filled back differently: {:?}", again.err());
         let Some(raw) = read.as_ref().expect("reads").raw.as_ref() else { return assert!(!cfg!(unix)) };
         let provider = tract_onnx::data_resolver::MmapDataResolver;
