@@ -135,8 +135,9 @@ pub fn manage_load_heap() {
 /// back to the kernel when freed. By default glibc raises that threshold to the largest mapped
 /// block freed so far (up to 32 MiB), then keeps later blocks in its heaps — one per thread —
 /// until trimmed: two graphs loading on two threads (`fast::parallel_load`) then peaked at
-/// 344–372 MiB against 322–327 with this (full-size int8 bundle, `bench` peak RSS, four
-/// interleaved pairs). Afterwards 32 MiB, trim at 64 MiB: at or above anything glibc's own
+/// 344–372 MiB against 322–327 with the same 1 MiB threshold set through `GLIBC_TUNABLES`
+/// (full-size int8 bundle, `bench` peak RSS, four interleaved pairs; 326–331 MiB in four runs
+/// with this guard). Afterwards 32 MiB, trim at 64 MiB: at or above anything glibc's own
 /// adjustment reaches, so a caption's buffers stay on the heap from one caption to the next
 /// instead of being mapped and faulted in afresh (all mapped, the encoder ran 1.6× slower; 4 and
 /// 8 MiB still added ~50–100 k page faults to a `bench` run; with these, as many as before).

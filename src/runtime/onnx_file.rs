@@ -59,8 +59,17 @@ impl OnnxFile {
     /// Reads every initializer still in the file into the protobuf (for code that edits their
     /// bytes, or wants the protobuf as it is on disk).
     pub fn fill_all(&mut self) -> Result<()> {
+        self.fill_initializers(|_| true)
+    }
+
+    /// Reads the initializers that `which` picks back into the protobuf.
+    fn fill_initializers(&mut self, which: impl Fn(&TensorProto) -> bool) -> Result<()> {
         let (Some(raw), Some(g)) = (&self.raw, self.proto.graph.as_mut()) else { return Ok(()) };
-        g.initializer.iter_mut().try_for_each(|t| raw.fill(&mut t.raw_data)).map_err(|e| Error::bundle(&self.path, format!("cannot read: {e}")))
+        g.initializer
+            .iter_mut()
+            .filter(|t| which(t))
+            .try_for_each(|t| raw.fill(&mut t.raw_data))
+            .map_err(|e| Error::bundle(&self.path, format!("cannot read: {e}")))
     }
 
     /// The folder external data locations are relative to.
@@ -153,13 +162,7 @@ impl OnnxFile {
     /// half-precision products). Returns how many tensors were widened.
     pub fn widen_fp16(&mut self) -> Result<usize> {
         // Only the fp16 weights come back into the protobuf; the rest still go straight to tensors.
-        if let (Some(raw), Some(g)) = (&self.raw, self.proto.graph.as_mut()) {
-            g.initializer
-                .iter_mut()
-                .filter(|t| t.data_type == DataType::Float16 as i32)
-                .try_for_each(|t| raw.fill(&mut t.raw_data))
-                .map_err(|e| Error::bundle(&self.path, format!("cannot read: {e}")))?;
-        }
+        self.fill_initializers(|t| t.data_type == DataType::Float16 as i32)?;
         let dir = self.dir().to_path_buf();
         let path = self.path.clone();
         let graph = self.proto.graph.as_mut().ok_or_else(|| Error::bundle(&path, "no graph"))?;
