@@ -25,6 +25,9 @@ struct Case {
     a_signed: bool,
     b_signed: bool,
     zero: Zero,
+    /// Right operand within [−64, 64] (as i8; u8 within [64, 192]), a quarter of it at ±64:
+    /// the narrow-weight kernels' one-pass path on AVX2 (`GemvWeights::narrow`), at its extremes.
+    narrow: bool,
 }
 
 fn random_bytes(rng: &mut SplitMix, n: usize) -> Vec<u8> {
@@ -39,7 +42,19 @@ fn run_case(c: &Case, seed: u64, gemm: Int8Gemm) -> (usize, Vec<i32>, Vec<i32>, 
     let a_dt = if c.a_signed { DataType::Int8 } else { DataType::Uint8 };
     let mut g = GraphBuilder::new("mmi");
     let a = g.input("a", a_dt, &[Dim::Fixed(1), Dim::Fixed(c.m), Dim::Fixed(c.k)]);
-    let b_bytes = random_bytes(&mut rng, c.k * c.n);
+    let mut b_bytes = random_bytes(&mut rng, c.k * c.n);
+    if c.narrow {
+        let shift = if c.b_signed { 0 } else { 128 };
+        for v in b_bytes.iter_mut() {
+            let r = rng.next_u64();
+            let narrow = match r % 8 {
+                0 => 64,
+                1 => -64,
+                _ => (r >> 8) as i64 % 129 - 64,
+            };
+            *v = (narrow + shift) as u8;
+        }
+    }
     let b = if c.b_signed {
         g.init_i8("b", &[c.k, c.n], &b_bytes.iter().map(|&v| v as i8).collect::<Vec<_>>())
     } else {
@@ -122,21 +137,21 @@ fn int8_products_equal_tracts_matmul_integer() {
     eprintln!("few-row kernel: {}", if few_row { vitgpt2::runtime::int8_gemv::kernel_name() } else { "none on this CPU (rten-gemm for all)" });
     // Rows ≥ 16 run on int8_gemv's i16 tiles where rten-gemm's kernel saturates (AVX2 without VNNI).
     let tiles = vitgpt2::runtime::int8::tiles_available();
-    eprintln!("many-row kernel: {}", if tiles { "avx2 i16 tiles" } else { kernel });
+    eprintln!("many-row kernel: {}", if tiles { "avx2 tiles (i16; u8 for narrow weights)" } else { kernel });
     let shapes = [(1, 1, 1), (1, 64, 33), (3, 5, 7), (17, 77, 130), (197, 768, 65), (2, 300, 3), (4, 17, 257), (65, 3, 2), (31, 2, 40), (5, 768, 130), (9, 31, 64), (15, 3072, 65), (1, 768, 1000)];
     let mut seed = 7;
     let mut checked = 0;
     for &(m, k, n) in &shapes {
-        for (a_signed, b_signed) in [(true, true), (false, true), (false, false), (true, false)] {
+        for (a_signed, b_signed, narrow) in [(true, true, false), (false, true, false), (false, false, false), (true, false, false), (true, true, true), (false, false, true)] {
             for zero in [Zero::None, Zero::Const, Zero::Varying] {
                 seed += 1;
-                let c = Case { m, k, n, a_signed, b_signed, zero };
+                let c = Case { m, k, n, a_signed, b_signed, zero, narrow };
                 // Auto, then rten-gemm alone where Auto is not rten-gemm.
                 let ours = if m < 16 { few_row } else { tiles };
                 let gemms: &[Int8Gemm] = if ours { &[Int8Gemm::Auto, Int8Gemm::Rten] } else { &[Int8Gemm::Auto] };
                 for &gemm in gemms {
                     let (substituted, rten, tract, naive) = run_case(&c, seed, gemm);
-                    let what = format!("{gemm:?} m={m} k={k} n={n} a {} b {} zero points {zero:?}", if a_signed { "i8" } else { "u8" }, if b_signed { "i8" } else { "u8" });
+                    let what = format!("{gemm:?} m={m} k={k} n={n} a {} b {}{} zero points {zero:?}", if a_signed { "i8" } else { "u8" }, if b_signed { "i8" } else { "u8" }, if narrow { " narrow" } else { "" });
                     assert_eq!(substituted, 1, "{what}: the product was not substituted");
                     assert_eq!(rten.len(), m * n, "{what}");
                     if let Some(i) = (0..rten.len()).find(|&i| rten[i] != tract[i] || rten[i] as i64 != naive[i]) {
@@ -148,18 +163,18 @@ fn int8_products_equal_tracts_matmul_integer() {
         }
     }
     let twice = shapes.iter().filter(|s| if s.0 < 16 { few_row } else { tiles }).count();
-    assert_eq!(checked, (shapes.len() + twice) * 12);
+    assert_eq!(checked, (shapes.len() + twice) * 18);
 
     // Two threads: the pool shared with tract and rten-gemm's parallel blocks or the tiles' row
     // halves (rows ≥ 16); fewer rows halve their columns with the helper thread (`helper_thread`):
     // one row on the few-row kernel, 3–15 on AVX2's tiles (2 rows, or 2–4 with VNNI, stay whole).
     vitgpt2::runtime::set_threads(2);
     for &(m, k, n) in &[(197, 768, 65), (64, 300, 257), (1, 768, 1400), (1, 300, 65), (1, 40, 64), (4, 1024, 1100), (3, 50, 64), (5, 40, 65), (37, 3072, 70)] {
-        for zero in [Zero::None, Zero::Varying] {
+        for (zero, narrow) in [(Zero::None, false), (Zero::Varying, false), (Zero::None, true)] {
             seed += 1;
-            let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed: false, b_signed: true, zero }, seed, Int8Gemm::Auto);
+            let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed: false, b_signed: true, zero, narrow }, seed, Int8Gemm::Auto);
             assert_eq!(substituted, 1);
-            assert!(rten == tract && rten.iter().zip(&naive).all(|(a, b)| *a as i64 == *b), "2 threads, m={m} k={k} n={n} {zero:?}");
+            assert!(rten == tract && rten.iter().zip(&naive).all(|(a, b)| *a as i64 == *b), "2 threads, m={m} k={k} n={n} {zero:?} narrow {narrow}");
         }
     }
     vitgpt2::runtime::set_threads(1);

@@ -52,6 +52,8 @@ pub fn kernel() -> &'static str {
 }
 
 const TILES_NAME: &str = "avx2 i16 tiles (vitgpt2, exact)";
+/// [`TILES_NAME`] for narrow (e.g. 7-bit) weights, one `vpmaddubsw` pass ([`GemvWeights::narrow`]).
+const NARROW_TILES_NAME: &str = "avx2 u8 tiles, narrow weights (vitgpt2, exact)";
 
 /// Whether products of many rows run on [`GemvWeights::gemm_tiles`] rather than rten-gemm:
 /// where rten-gemm's kernel saturates (x86-64 AVX2 without VNNI) and so needs two passes.
@@ -202,9 +204,10 @@ impl Int8MatMul {
 
     /// The kernel this product runs on.
     fn kernel(&self) -> &'static str {
-        match self.weights {
+        match &self.weights {
             Weights::Packed(_) => kernel(),
             Weights::Gemv(_) => int8_gemv::kernel_name(),
+            Weights::Tiles(w) if w.narrow() => NARROW_TILES_NAME,
             Weights::Tiles(_) => TILES_NAME,
         }
     }
@@ -322,25 +325,24 @@ impl EvalOp for Int8MatMul {
 
 impl Int8MatMul {
     /// The product on [`GemvWeights::gemm_tiles_map`] (weights without zero points): each
-    /// thread centers its own rows as it packs them (from i8 directly, no shifted copy) and
+    /// thread packs its own rows (from i8 directly, no shifted copy on one thread) and
     /// dequantizes its own rows of the result, so nothing but the product's bookkeeping runs on
     /// one thread. Same values as the other path: `a − a0` is the same integer either way.
     fn eval_tiles(&self, w: &GemvWeights, inputs: &TVec<TValue>, m: usize, a0: u8, out_shape: &[usize]) -> TractResult<TValue> {
         let (k, n) = (self.k, self.n);
         let a = inputs[0].try_as_plain_ram()?;
-        // An i8 value v stands for the u8 v + 128 of the other paths, so a − a0 = v − (a0 − 128).
-        let zero = a0 as i16 - if self.a_signed { 128 } else { 0 };
         let (signed, unsigned) = if self.a_signed { (a.as_slice::<i8>()?, &[][..]) } else { (&[][..], a.as_slice::<u8>()?) };
-        let center = |r: usize, dst: &mut [i16]| {
+        // An i8 value v stands for the u8 v + 128 of the other paths (zero point `a0` likewise).
+        let row = |r: usize, dst: &mut [u8]| {
             if self.a_signed {
-                dst.iter_mut().zip(&signed[r * k..(r + 1) * k]).for_each(|(d, &v)| *d = v as i16 - zero);
+                dst.iter_mut().zip(&signed[r * k..(r + 1) * k]).for_each(|(d, &v)| *d = (v as u8) ^ 0x80);
             } else {
-                dst.iter_mut().zip(&unsigned[r * k..(r + 1) * k]).for_each(|(d, &v)| *d = v as i16 - zero);
+                dst.copy_from_slice(&unsigned[r * k..(r + 1) * k]);
             }
         };
         let Some(ws) = &self.dequantize else {
             let mut out = vec![0i32; m * n];
-            with_threads(m, || w.gemm_tiles_map(m, center, &mut out, |_, acc, out| out.copy_from_slice(acc)));
+            with_threads(m, || w.gemm_tiles_map(m, a0, row, &mut out, |_, acc, out| out.copy_from_slice(acc)));
             return Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, out)?.into_tvalue());
         };
         let s = inputs.last().context("Int8MatMul: missing row scales")?;
@@ -348,7 +350,7 @@ impl Int8MatMul {
         let s = s.try_as_plain_ram()?;
         let s = s.as_slice::<f32>()?;
         let mut y = vec![0f32; m * n];
-        with_threads(m, || w.gemm_tiles_map(m, center, &mut y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y)));
+        with_threads(m, || w.gemm_tiles_map(m, a0, row, &mut y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y)));
         Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
     }
 }

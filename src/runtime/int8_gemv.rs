@@ -30,6 +30,8 @@ use std::arch::x86_64::*;
 
 use super::helper_thread;
 
+mod tiles;
+
 /// Columns per group: four 16-lane i32 accumulators per row.
 const GROUP: usize = 64;
 /// Rows held in registers at once on AVX-512 (4 × 4 accumulators + 4 weights + 4 broadcasts
@@ -83,6 +85,10 @@ pub struct GemvWeights {
     kg: usize,
     n: usize,
     col_sums: Vec<i32>,
+    /// Every pair of k-values that `vpmaddubsw` sums (t = 0, 1 and t = 2, 3 of a step) has
+    /// |b₁| + |b₂| ≤ 128, so u8 × these pairs lie within i16 (255·128 = 32,640): AVX2 then
+    /// multiplies whole u8 rows in one pass (7-bit weights, e.g. `--reduce-range`, always do).
+    narrow: bool,
 }
 
 impl GemvWeights {
@@ -140,7 +146,13 @@ impl GemvWeights {
                 }
             }
         }
-        GemvWeights { w, k, kg, n, col_sums }
+        let narrow = w.chunks_exact(2).all(|p| p[0].unsigned_abs() as u16 + p[1].unsigned_abs() as u16 <= 128);
+        GemvWeights { w, k, kg, n, col_sums, narrow }
+    }
+
+    /// Whether AVX2 multiplies this matrix in one `vpmaddubsw` pass (see the field's text).
+    pub fn narrow(&self) -> bool {
+        self.narrow
     }
 
     /// `out[i, n] = Σ_k (a[i, k] − a0)·b[k, n]` in wrapping i32, for `a` of `m` rows of `K` u8
@@ -195,17 +207,17 @@ impl GemvWeights {
         if groups < 2 {
             return self.gemm_tiles(a, m, a0, out);
         }
-        let mut packed = vec![0i16; m * kp];
+        let mut packed = vec![0u8; m * kp];
         for (dst, row) in packed.chunks_exact_mut(kp).zip(a.chunks_exact(self.k)) {
-            dst.iter_mut().zip(row).for_each(|(d, &v)| *d = v as i16 - a0 as i16);
+            dst[..self.k].copy_from_slice(row);
         }
         let mid = groups / 2;
         let c_mid = (mid * GROUP).min(n);
         let mut lo = vec![0i32; m * c_mid];
         let hi = std::sync::Mutex::new(vec![0i32; m * (n - c_mid)]);
         helper_thread::join(
-            || self.tiles(&packed, m, &mut lo, c_mid, 0..mid),
-            || self.tiles(&packed, m, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), n - c_mid, mid..groups),
+            || self.tiles(&packed, m, a0, &mut lo, c_mid, 0..mid),
+            || self.tiles(&packed, m, a0, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), n - c_mid, mid..groups),
         );
         let hi = hi.into_inner().unwrap_or_else(|e| e.into_inner());
         for (r, out_row) in out.chunks_exact_mut(n).enumerate() {
@@ -247,8 +259,10 @@ impl GemvWeights {
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match (isa, rows) {
-                        (Some(Isa::Avx2), 1) => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<1>(w, [row(0)], &mut tile, h)),
-                        (Some(Isa::Avx2), _) => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<2>(w, [row(0), row(1)], &mut tile, h)),
+                        (Some(Isa::Avx2), 1) if self.narrow => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<1, false>(w, [row(0)], &mut tile, h)),
+                        (Some(Isa::Avx2), _) if self.narrow => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<2, false>(w, [row(0), row(1)], &mut tile, h)),
+                        (Some(Isa::Avx2), 1) => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<1, true>(w, [row(0)], &mut tile, h)),
+                        (Some(Isa::Avx2), _) => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<2, true>(w, [row(0), row(1)], &mut tile, h)),
                         (_, 1) => group_kernel::<1>(w, [row(0)], &mut tile),
                         (_, 2) => group_kernel::<2>(w, [row(0), row(1)], &mut tile),
                         (_, 3) => group_kernel::<3>(w, [row(0), row(1), row(2)], &mut tile),
@@ -272,10 +286,11 @@ impl GemvWeights {
 /// `vpmaddubsw` sums pairs of u8 × i8 products into i16 with saturation, so the row's 4 bytes
 /// go in two parts, `x & 0x7F` and `x & 0x80`: every pair sum of either part lies within i16
 /// (|127·(−128)·2| = 32,512; |128·(−128)·2| = 32,768 = −32,768 exactly, the one extreme that
-/// still fits). `vpmaddwd` by 1 widens each to i32 (Intel SDM, PMADDUBSW / PMADDWD).
+/// still fits). `vpmaddwd` by 1 widens each to i32 (Intel SDM, PMADDUBSW / PMADDWD). Without
+/// `SPLIT` the row goes whole, for narrow weights only ([`GemvWeights::narrow`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn group_kernel_avx2<const R: usize>(w: &[i8], rows: [&[i32]; R], tile: &mut [[i32; GROUP]; MAX_ROWS], h: usize) {
+unsafe fn group_kernel_avx2<const R: usize, const SPLIT: bool>(w: &[i8], rows: [&[i32]; R], tile: &mut [[i32; GROUP]; MAX_ROWS], h: usize) {
     let kg = rows[0].len();
     debug_assert!(w.len() == kg * 4 * GROUP && h < 2);
     let ones = _mm256_set1_epi16(1);
@@ -289,12 +304,19 @@ unsafe fn group_kernel_avx2<const R: usize>(w: &[i8], rows: [&[i32]; R], tile: &
         let wq: [__m256i; 4] = std::array::from_fn(|l| _mm256_loadu_si256(wp.add(32 * l).cast()));
         for r in 0..R {
             let x = *rows[r].get_unchecked(g);
-            let lo = _mm256_set1_epi32(x & 0x7F7F_7F7F);
-            let hi = _mm256_set1_epi32(x & 0x8080_8080_u32 as i32);
-            for l in 0..4 {
-                let t_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, wq[l]), ones);
-                let t_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, wq[l]), ones);
-                acc[r][l] = _mm256_add_epi32(acc[r][l], _mm256_add_epi32(t_lo, t_hi));
+            if SPLIT {
+                let lo = _mm256_set1_epi32(x & 0x7F7F_7F7F);
+                let hi = _mm256_set1_epi32(x & 0x8080_8080_u32 as i32);
+                for l in 0..4 {
+                    let t_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, wq[l]), ones);
+                    let t_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, wq[l]), ones);
+                    acc[r][l] = _mm256_add_epi32(acc[r][l], _mm256_add_epi32(t_lo, t_hi));
+                }
+            } else {
+                let whole = _mm256_set1_epi32(x);
+                for l in 0..4 {
+                    acc[r][l] = _mm256_add_epi32(acc[r][l], _mm256_madd_epi16(_mm256_maddubs_epi16(whole, wq[l]), ones));
+                }
             }
         }
     }
@@ -370,176 +392,6 @@ fn interleave4(rows: [&[i8]; 4], dst: &mut [i8]) {
     }
 }
 
-/// Rows per register tile of [`GemvWeights::gemm_tiles`]: 6 rows × 8 columns of i32 pairs
-/// = 12 accumulators + 2 weight vectors + 1 broadcast ≤ 16 ymm.
-const TILE_ROWS: usize = 6;
-/// Steps of 4 k-values per block of [`GemvWeights::gemm_tiles`]: 768 k-values, so a block of
-/// the packed rows (197 × 768 × 2 bytes = 296 KiB for ViT-B/16) stays in a 512 KiB L2.
-const TILE_KG: usize = 192;
-
-impl GemvWeights {
-    /// As [`gemm`](Self::gemm), for many rows (an encoder's 197) on AVX2 without VNNI, in one
-    /// exact pass: the rows as i16 `a − a0` (|·| ≤ 255) and the weights widened to i16 as they
-    /// are read (`vpmovsxbw`), multiplied by `vpmaddwd` (Intel SDM, PMADDWD: pairs of i16
-    /// products summed into i32, exact here as |2·255·128| < 2³¹). Its 2 multiplies per 32
-    /// products are as many as `vpmaddubsw` + `vpmaddwd` by 1 (which saturate pairs at i16:
-    /// onnxruntime's AVX2 kernel, and rten-gemm's) and half the 7-bit split's. Rows are split
-    /// across rayon's current pool. Panics where [`available`] is false.
-    pub fn gemm_tiles(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
-        assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm_tiles: operand sizes");
-        let k = self.k;
-        let center = |r: usize, dst: &mut [i16]| dst.iter_mut().zip(&a[r * k..(r + 1) * k]).for_each(|(d, &v)| *d = v as i16 - a0 as i16);
-        self.gemm_tiles_map(m, center, out, |_, acc, out| out.copy_from_slice(acc));
-    }
-
-    /// [`gemm_tiles`](Self::gemm_tiles) with the work before and after the product on the
-    /// threads too: `center(r, dst)` writes row `r` as i16 `a − a0` into `dst` (its first `K`
-    /// values; the rest stays zero), and `finish(r0, acc, out)` turns the i32 products of rows
-    /// `r0..` (`acc`, `[rows, N]`) into that thread's rows of `out` (`[m, N]`). Each thread packs
-    /// and finishes only its own rows: with both on the calling thread, 2 threads ran the encoder
-    /// 1.42× faster than 1; with them here, 1.63× (medians of 6 interleaved `bench` runs, README).
-    pub fn gemm_tiles_map<T: Send>(
-        &self,
-        m: usize,
-        center: impl Fn(usize, &mut [i16]) + Sync,
-        out: &mut [T],
-        finish: impl Fn(usize, &[i32], &mut [T]) + Sync,
-    ) {
-        assert!(out.len() == m * self.n, "GemvWeights::gemm_tiles: output size");
-        assert!(isa().is_some(), "GemvWeights::gemm_tiles on a CPU without AVX2");
-        let kp = self.kg * 4;
-        let threads = rayon::current_num_threads().max(1);
-        // Rows split evenly (197 on 2 threads: 99 + 98, each with a partial last tile, rather
-        // than whole tiles' 102 + 95), and only where each thread gets a full tile: a beam's
-        // few rows stay on one thread, since each thread would read all the weights.
-        let rows_per = m.div_ceil(threads).max(1);
-        let run = |(t, out): (usize, &mut [T])| {
-            let (r0, rows) = (t * rows_per, out.len() / self.n);
-            // The rows centered, widened and zero-padded to ⌈K/4⌉·4: Σ (a − a0)·b needs no
-            // column-sum term, and the padding meets the weights' zero padding.
-            let mut packed = vec![0i16; rows * kp];
-            packed.chunks_exact_mut(kp).enumerate().for_each(|(r, dst)| center(r0 + r, &mut dst[..self.k]));
-            let mut acc = vec![0i32; rows * self.n];
-            self.tiles(&packed, rows, &mut acc, self.n, 0..self.n.div_ceil(GROUP));
-            finish(r0, &acc, out);
-        };
-        if threads > 1 && rows_per >= TILE_ROWS && m > rows_per {
-            use rayon::prelude::*;
-            out.par_chunks_mut(rows_per * self.n).enumerate().for_each(run);
-        } else {
-            run((0, out));
-        }
-    }
-
-    /// `out [rows, N] += packed [rows, ⌈K/4⌉·4] · b` for the column groups `groups`, blocked as
-    /// the constants above say; `out` holds those groups' columns of each row, `stride` apart.
-    fn tiles(&self, packed: &[i16], rows: usize, out: &mut [i32], stride: usize, groups: std::ops::Range<usize>) {
-        let kp = self.kg * 4;
-        let col0 = groups.start * GROUP;
-        for g0 in (0..self.kg).step_by(TILE_KG) {
-            let steps = TILE_KG.min(self.kg - g0);
-            for j in groups.clone() {
-                let cols = GROUP.min(self.n - j * GROUP);
-                for e in 0..cols.div_ceil(8) {
-                    // 8 columns' 4 k-values: 32 bytes of each 256-byte step.
-                    let w = &self.w[(j * self.kg + g0) * 4 * GROUP + 32 * e..][..(steps - 1) * 4 * GROUP + 32];
-                    // The next group's block, a line per step over this group's 8 passes (each
-                    // pass reads 32 of every 256 bytes: alone, the first would wait on memory
-                    // and the others on arithmetic; beam 4's LM head 4.8 → 3.6 ms, measured).
-                    // Only for one tile of rows: with more, each pass runs long enough on cached
-                    // weights, and the prefetches cost the encoder ~6 % (measured).
-                    let lines = if rows <= TILE_ROWS { 4 * steps } else { 0 };
-                    let next = Prefetch { base: self.w.as_ptr().wrapping_add(((j + 1) * self.kg + g0) * 4 * GROUP), first: e * steps, lines };
-                    for r0 in (0..rows).step_by(TILE_ROWS) {
-                        let n_rows = TILE_ROWS.min(rows - r0);
-                        // A whole tile's worth of row slices, those past its last row repeating it:
-                        // the kernel for `n_rows` reads only the first `n_rows`.
-                        let row = |r: usize| &packed[(r0 + r.min(n_rows - 1)) * kp + 4 * g0..][..4 * steps];
-                        let c0 = j * GROUP + 8 * e;
-                        let (o, width) = (&mut out[r0 * stride + c0 - col0..], 8.min(self.n - c0));
-                        let tile_rows: [&[i16]; TILE_ROWS] = std::array::from_fn(row);
-                        // Safety: isa() was checked by the caller; the slices have the lengths read.
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            if next.lines > 0 {
-                                tile_avx2::<true>(n_rows, w, tile_rows, o, stride, width, &next)
-                            } else {
-                                tile_avx2::<false>(n_rows, w, tile_rows, o, stride, width, &next)
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// [`tile_kernel_avx2`] for the first `n_rows` of `rows` (≤ [`TILE_ROWS`]), prefetching or not
-/// (`PF`: a separate kernel, since a test in the loop slowed the many-row one by a quarter).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn tile_avx2<const PF: bool>(n_rows: usize, w: &[i8], r: [&[i16]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
-    match n_rows {
-        1 => tile_kernel_avx2::<1, PF>(w, [r[0]], out, stride, width, next),
-        2 => tile_kernel_avx2::<2, PF>(w, [r[0], r[1]], out, stride, width, next),
-        3 => tile_kernel_avx2::<3, PF>(w, [r[0], r[1], r[2]], out, stride, width, next),
-        4 => tile_kernel_avx2::<4, PF>(w, [r[0], r[1], r[2], r[3]], out, stride, width, next),
-        5 => tile_kernel_avx2::<5, PF>(w, [r[0], r[1], r[2], r[3], r[4]], out, stride, width, next),
-        _ => tile_kernel_avx2::<6, PF>(w, r, out, stride, width, next),
-    }
-}
-
-/// Cache lines to fetch ahead while a tile runs: line `(first + g) mod lines` from `base` at step
-/// `g` (none when `lines` is 0).
-struct Prefetch {
-    base: *const i8,
-    first: usize,
-    lines: usize,
-}
-
-/// `out[r·stride + c] += Σ_g Σ_t rows[r][4g + t] · w[256g + 4c + t]` (wrapping) for `R` rows
-/// and the first `width` ≤ 8 columns on AVX2.
-///
-/// Each 16 weight bytes (4 columns × 4 k-values) widen to 16 i16, so `vpmaddwd` with the row's
-/// 4 i16 broadcast as one 64-bit word gives, per column, two i32 lanes (k-values 0–1 and 2–3),
-/// added pairwise at the end (`vphaddd`, then the 64-bit lanes put back in column order).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn tile_kernel_avx2<const R: usize, const PF: bool>(w: &[i8], rows: [&[i16]; R], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
-    let steps = rows[0].len() / 4;
-    assert!(w.len() == (steps - 1) * 4 * GROUP + 32 && rows.iter().all(|r| r.len() == 4 * steps) && width <= 8 && out.len() >= (R - 1) * stride + width);
-    let mut acc = [[_mm256_setzero_si256(); 2]; R];
-    let p = w.as_ptr();
-    for g in 0..steps {
-        let wp = p.add(g * 4 * GROUP);
-        if PF {
-            // first + g < 2·lines. A prefetch never faults: past the last group it is harmless.
-            let line = if next.first + g >= next.lines { next.first + g - next.lines } else { next.first + g };
-            _mm_prefetch::<_MM_HINT_T0>(next.base.wrapping_add(line * 64));
-        }
-        let b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.cast()));
-        let b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(16).cast()));
-        for r in 0..R {
-            let x = _mm256_set1_epi64x(std::ptr::read_unaligned(rows[r].as_ptr().add(4 * g).cast::<i64>()));
-            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(x, b0));
-            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(x, b1));
-        }
-    }
-    for r in 0..R {
-        // [c0 c1 c4 c5 | c2 c3 c6 c7] → [c0 … c7].
-        let sums = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(acc[r][0], acc[r][1]));
-        let o = &mut out[r * stride..][..width];
-        if width == 8 {
-            let p = o.as_mut_ptr().cast::<__m256i>();
-            _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), sums));
-        } else {
-            let mut t = [0i32; 8];
-            _mm256_storeu_si256(t.as_mut_ptr().cast(), sums);
-            o.iter_mut().zip(t).for_each(|(o, v)| *o = o.wrapping_add(v));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,22 +407,46 @@ mod tests {
             (s >> 33) as u8
         };
         for &(m, k, n) in &[(1, 1, 1), (1, 768, 130), (4, 17, 65), (5, 9, 200), (9, 64, 64), (3, 3, 3), (2, 40, 700), (13, 1000, 70), (7, 3072, 9)] {
-            let b: Vec<i8> = (0..k * n).map(|_| next() as i8).collect();
-            let a: Vec<u8> = (0..m * k).map(|_| next()).collect();
-            let a0 = next();
-            let wts = GemvWeights::new(k, n, &b, n, 1);
-            let mut out = vec![0; m * n];
-            let mut tiles = vec![0; m * n];
-            wts.gemm(&a, m, a0, &mut out);
-            wts.gemm_tiles(&a, m, a0, &mut tiles);
-            for i in 0..m {
-                for j in 0..n {
-                    let want: i32 = (0..k).map(|l| (a[i * k + l] as i32 - a0 as i32) * b[l * n + j] as i32).sum();
-                    assert_eq!(out[i * n + j], want, "m={m} k={k} n={n} at ({i},{j})");
-                    assert_eq!(tiles[i * n + j], want, "tiles: m={m} k={k} n={n} at ({i},{j})");
+            for narrow in [false, true] {
+                // Narrow: within [−64, 64], a quarter at ±64 (with 255s in the rows: the extremes).
+                let b: Vec<i8> = (0..k * n)
+                    .map(|_| match (narrow, next()) {
+                        (false, v) => v as i8,
+                        (true, v) if v % 8 == 0 => 64,
+                        (true, v) if v % 8 == 1 => -64,
+                        (true, v) => (v % 129) as i8 - 64,
+                    })
+                    .collect();
+                let a: Vec<u8> = (0..m * k).map(|_| if next() % 4 == 0 { 255 } else { next() }).collect();
+                let a0 = next();
+                let wts = GemvWeights::new(k, n, &b, n, 1);
+                assert!(!narrow || wts.narrow(), "m={m} k={k} n={n}: narrow weights not found narrow");
+                let mut out = vec![0; m * n];
+                let mut tiles = vec![0; m * n];
+                wts.gemm(&a, m, a0, &mut out);
+                wts.gemm_tiles(&a, m, a0, &mut tiles);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: i32 = (0..k).map(|l| (a[i * k + l] as i32 - a0 as i32) * b[l * n + j] as i32).sum();
+                        assert_eq!(out[i * n + j], want, "m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
+                        assert_eq!(tiles[i * n + j], want, "tiles: m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
+                    }
                 }
             }
         }
+    }
+
+    /// Narrow means every pair `vpmaddubsw` sums within ±128 in magnitude: (64, 64), (−100, −28)
+    /// and (−128, 0) are; (65, 64) and (−128, 1) are not, nor a pair split across k-steps' pairs
+    /// unless it is one (k-values 1 and 2 are in different pairs).
+    #[test]
+    fn narrow_is_the_pair_bound() {
+        for (pair, narrow) in [([64i8, 64], true), ([-100, -28], true), ([-128, 0], true), ([65, 64], false), ([-128, 1], false)] {
+            let b = [pair[0], pair[1], 0, 0];
+            assert_eq!(GemvWeights::new(4, 1, &b, 1, 1).narrow(), narrow, "{pair:?}");
+        }
+        assert!(GemvWeights::new(4, 1, &[0, 100, 100, 0], 1, 1).narrow());
+        assert!(!GemvWeights::new(4, 1, &[0, 0, 100, 100], 1, 1).narrow());
     }
 
     /// Row-major, column-major (the LM head's transposed embedding) and any other strides give

@@ -1,0 +1,293 @@
+//! Products of many rows (an encoder's 197, beam search's 4 on AVX2) on AVX2 without VNNI,
+//! where rten-gemm's kernel saturates and needs two passes: one exact pass in register tiles
+//! over [`GemvWeights`]' layout, on one of two kernels chosen per matrix at load.
+//!
+//! - **Narrow weights** ([`GemvWeights::narrow`]: every pair of k-values a `vpmaddubsw` sums has
+//!   |b₁| + |b₂| ≤ 128, as 7-bit weights in [−64, 64] always do — onnxruntime's
+//!   `quantize_dynamic(reduce_range=True)`, `vitgpt2-host export --reduce-range`): the rows as u8,
+//!   `vpmaddubsw` (u8 × i8, pairs summed to i16: |255·128| = 32,640 < 2¹⁵, so it cannot
+//!   saturate) then `vpmaddwd` by 1 to i32; 6 rows × 16 columns per tile, 3 instructions per 32
+//!   products. ~87–91 GMAC/s on an AMD EPYC (Zen 3) in a stand-alone loop over an encoder-sized
+//!   product, against the i16 kernel's ~60 in the same run.
+//! - **Any int8 weights**: the rows as i16 `a − a0` (|·| ≤ 255) and the weights widened to i16 as
+//!   they are read (`vpmovsxbw`), multiplied by `vpmaddwd` (Intel SDM, PMADDWD: pairs of i16
+//!   products summed into i32, exact as |2·255·128| < 2³¹); 6 rows × 8 columns, 4 instructions
+//!   per 32 products.
+//!
+//! Both give `Σ_k (a − a0)·b` in wrapping i32, like the definition.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::{isa, GemvWeights, GROUP};
+
+/// Rows per register tile: 6 rows × 2 vectors = 12 accumulators, + 2 weight vectors + 1
+/// broadcast (+ the narrow kernel's vector of ones, which `vpmaddwd` may read from memory)
+/// ≤ 16 ymm.
+pub(super) const TILE_ROWS: usize = 6;
+/// Steps of 4 k-values per block: 768 k-values, so a block of the packed rows (197 × 768 × 2
+/// bytes = 296 KiB for ViT-B/16 as i16, half that as u8) stays in a 512 KiB L2.
+const TILE_KG: usize = 192;
+
+impl GemvWeights {
+    /// As [`gemm`](Self::gemm), for many rows on AVX2 without VNNI, in one exact pass (see the
+    /// module's text); rows split across rayon's current pool. Panics where
+    /// [`available`](super::available) is false.
+    pub fn gemm_tiles(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
+        assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm_tiles: operand sizes");
+        let k = self.k;
+        self.gemm_tiles_map(m, a0, |r, dst| dst.copy_from_slice(&a[r * k..(r + 1) * k]), out, |_, acc, out| out.copy_from_slice(acc));
+    }
+
+    /// [`gemm_tiles`](Self::gemm_tiles) with the work before and after the product on the
+    /// threads too: `row(r, dst)` writes row `r`'s `K` u8 values (zero point `a0`) into `dst`,
+    /// and `finish(r0, acc, out)` turns the i32 products of rows `r0..` (`acc`, `[rows, N]`) into
+    /// that thread's rows of `out` (`[m, N]`). Each thread packs and finishes only its own rows:
+    /// with both on the calling thread, 2 threads ran the encoder 1.42× faster than 1; with them
+    /// here, 1.63× (medians of 6 interleaved `bench` runs, README).
+    pub fn gemm_tiles_map<T: Send>(
+        &self,
+        m: usize,
+        a0: u8,
+        row: impl Fn(usize, &mut [u8]) + Sync,
+        out: &mut [T],
+        finish: impl Fn(usize, &[i32], &mut [T]) + Sync,
+    ) {
+        assert!(out.len() == m * self.n, "GemvWeights::gemm_tiles: output size");
+        assert!(isa().is_some(), "GemvWeights::gemm_tiles on a CPU without AVX2");
+        let kp = self.kg * 4;
+        let threads = rayon::current_num_threads().max(1);
+        // Rows split evenly (197 on 2 threads: 99 + 98, each with a partial last tile, rather
+        // than whole tiles' 102 + 95), and only where each thread gets a full tile: a beam's
+        // few rows stay on one thread, since each thread would read all the weights.
+        let rows_per = m.div_ceil(threads).max(1);
+        let run = |(t, out): (usize, &mut [T])| {
+            let (r0, rows) = (t * rows_per, out.len() / self.n);
+            // Zero-padded to ⌈K/4⌉·4, meeting the weights' zero padding.
+            let mut a = vec![0u8; rows * kp];
+            a.chunks_exact_mut(kp).enumerate().for_each(|(r, dst)| row(r0 + r, &mut dst[..self.k]));
+            let mut acc = vec![0i32; rows * self.n];
+            self.tiles(&a, rows, a0, &mut acc, self.n, 0..self.n.div_ceil(GROUP));
+            finish(r0, &acc, out);
+        };
+        if threads > 1 && rows_per >= TILE_ROWS && m > rows_per {
+            use rayon::prelude::*;
+            out.par_chunks_mut(rows_per * self.n).enumerate().for_each(run);
+        } else {
+            run((0, out));
+        }
+    }
+
+    /// `out [rows, ..] = Σ_k (a − a0)·b` for the column groups `groups`, `a` being `rows` rows
+    /// of ⌈K/4⌉·4 u8 (zero-padded); `out` holds those groups' columns of each row, `stride`
+    /// apart, and starts zeroed.
+    pub(super) fn tiles(&self, a: &[u8], rows: usize, a0: u8, out: &mut [i32], stride: usize, groups: std::ops::Range<usize>) {
+        let kp = self.kg * 4;
+        if rows == 0 {
+            return;
+        }
+        assert!(a.len() == rows * kp && out.len() >= (rows - 1) * stride + (self.n.min(groups.end * GROUP) - groups.start * GROUP), "GemvWeights::tiles: operand sizes");
+        if self.narrow {
+            self.tile_pass::<u8>(a, rows, out, stride, groups.clone());
+            // Σ (a − a0)·b = Σ a·b − a0·Σ b (wrapping, like the product).
+            let cols = groups.start * GROUP..self.n.min(groups.end * GROUP);
+            for out_row in out.chunks_mut(stride).take(rows) {
+                for (o, &s) in out_row.iter_mut().zip(&self.col_sums[cols.clone()]) {
+                    *o = o.wrapping_sub((a0 as i32).wrapping_mul(s));
+                }
+            }
+        } else {
+            let centered: Vec<i16> = a.iter().map(|&v| v as i16 - a0 as i16).collect();
+            // The padding's −a0 meets zero weights.
+            self.tile_pass::<i16>(&centered, rows, out, stride, groups);
+        }
+    }
+
+    /// `out += packed · b` over the kernel for `E` (u8: narrow weights; i16: centered rows).
+    fn tile_pass<E: TileElement>(&self, packed: &[E], rows: usize, out: &mut [i32], stride: usize, groups: std::ops::Range<usize>) {
+        let kp = self.kg * 4;
+        let col0 = groups.start * GROUP;
+        let width_of_pass = E::COLUMNS;
+        for g0 in (0..self.kg).step_by(TILE_KG) {
+            let steps = TILE_KG.min(self.kg - g0);
+            for j in groups.clone() {
+                let cols = GROUP.min(self.n - j * GROUP);
+                for e in 0..cols.div_ceil(width_of_pass) {
+                    // The pass's columns' 4 k-values: 4·COLUMNS bytes of each 256-byte step.
+                    let bytes = 4 * width_of_pass;
+                    let w = &self.w[(j * self.kg + g0) * 4 * GROUP + bytes * e..][..(steps - 1) * 4 * GROUP + bytes];
+                    // The next group's block, a line per step spread over this group's passes
+                    // (alone, the first pass would wait on memory and the others on arithmetic;
+                    // beam 4's LM head 4.8 → 3.6 ms, measured). Only for one tile of rows: with
+                    // more, each pass runs long enough on cached weights, and the prefetches cost
+                    // the encoder ~6 % (measured).
+                    let lines = if rows <= TILE_ROWS { 4 * steps } else { 0 };
+                    let next = Prefetch { base: self.w.as_ptr().wrapping_add(((j + 1) * self.kg + g0) * 4 * GROUP), first: e * steps, lines };
+                    for r0 in (0..rows).step_by(TILE_ROWS) {
+                        let n_rows = TILE_ROWS.min(rows - r0);
+                        // A whole tile's worth of row slices, those past its last row repeating it:
+                        // the kernel for `n_rows` reads only the first `n_rows`.
+                        let row = |r: usize| &packed[(r0 + r.min(n_rows - 1)) * kp + 4 * g0..][..4 * steps];
+                        let c0 = j * GROUP + width_of_pass * e;
+                        let (o, width) = (&mut out[r0 * stride + c0 - col0..], width_of_pass.min(self.n - c0));
+                        let tile_rows: [&[E]; TILE_ROWS] = std::array::from_fn(row);
+                        // Safety: isa() was checked by the caller; the slices have the lengths read.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            E::tile(n_rows, w, tile_rows, o, stride, width, &next)
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Cache lines to fetch ahead while a tile runs: line `(first + g) mod lines` from `base` at step
+/// `g` (none when `lines` is 0).
+struct Prefetch {
+    base: *const i8,
+    first: usize,
+    lines: usize,
+}
+
+/// A row element with its tile kernel: u8 rows × narrow weights, or i16 centered rows × any.
+trait TileElement: Copy + Sized {
+    /// Columns per kernel call.
+    const COLUMNS: usize;
+    /// The kernel for the first `n_rows` of `rows` (≤ [`TILE_ROWS`]), prefetching when
+    /// `next.lines` > 0 (a separate instance: a test in the loop slowed the many-row kernel by
+    /// a quarter).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile(n_rows: usize, w: &[i8], rows: [&[Self]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch);
+}
+
+/// Calls `$kernel::<R, $pf>` for `R` = `$n` (1..=6) rows of `$r`.
+macro_rules! by_rows {
+    ($kernel:ident, $pf:literal, $n:expr, $w:expr, $r:expr, $out:expr, $stride:expr, $width:expr, $next:expr) => {
+        match $n {
+            1 => $kernel::<1, $pf>($w, [$r[0]], $out, $stride, $width, $next),
+            2 => $kernel::<2, $pf>($w, [$r[0], $r[1]], $out, $stride, $width, $next),
+            3 => $kernel::<3, $pf>($w, [$r[0], $r[1], $r[2]], $out, $stride, $width, $next),
+            4 => $kernel::<4, $pf>($w, [$r[0], $r[1], $r[2], $r[3]], $out, $stride, $width, $next),
+            5 => $kernel::<5, $pf>($w, [$r[0], $r[1], $r[2], $r[3], $r[4]], $out, $stride, $width, $next),
+            _ => $kernel::<6, $pf>($w, $r, $out, $stride, $width, $next),
+        }
+    };
+}
+
+impl TileElement for i16 {
+    const COLUMNS: usize = 8;
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile(n_rows: usize, w: &[i8], rows: [&[i16]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
+        if next.lines > 0 {
+            by_rows!(tile_kernel_i16, true, n_rows, w, rows, out, stride, width, next)
+        } else {
+            by_rows!(tile_kernel_i16, false, n_rows, w, rows, out, stride, width, next)
+        }
+    }
+}
+
+impl TileElement for u8 {
+    const COLUMNS: usize = 16;
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile(n_rows: usize, w: &[i8], rows: [&[u8]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
+        if next.lines > 0 {
+            by_rows!(tile_kernel_u8, true, n_rows, w, rows, out, stride, width, next)
+        } else {
+            by_rows!(tile_kernel_u8, false, n_rows, w, rows, out, stride, width, next)
+        }
+    }
+}
+
+/// The prefetch of step `g` (see [`Prefetch`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_step(next: &Prefetch, g: usize) {
+    // first + g < 2·lines. A prefetch never faults: past the last group it is harmless.
+    let line = if next.first + g >= next.lines { next.first + g - next.lines } else { next.first + g };
+    _mm_prefetch::<_MM_HINT_T0>(next.base.wrapping_add(line * 64));
+}
+
+/// `out[r·stride + c] += Σ_g Σ_t rows[r][4g + t] · w[256g + 4c + t]` (wrapping) for `R` rows
+/// and the first `width` ≤ 8 columns on AVX2.
+///
+/// Each 16 weight bytes (4 columns × 4 k-values) widen to 16 i16, so `vpmaddwd` with the row's
+/// 4 i16 broadcast as one 64-bit word gives, per column, two i32 lanes (k-values 0–1 and 2–3),
+/// added pairwise at the end (`vphaddd`, then the 64-bit lanes put back in column order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_kernel_i16<const R: usize, const PF: bool>(w: &[i8], rows: [&[i16]; R], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
+    let steps = rows[0].len() / 4;
+    assert!(w.len() == (steps - 1) * 4 * GROUP + 32 && rows.iter().all(|r| r.len() == 4 * steps) && width <= 8 && out.len() >= (R - 1) * stride + width);
+    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+    let p = w.as_ptr();
+    for g in 0..steps {
+        let wp = p.add(g * 4 * GROUP);
+        if PF {
+            prefetch_step(next, g);
+        }
+        let b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.cast()));
+        let b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(16).cast()));
+        for r in 0..R {
+            let x = _mm256_set1_epi64x(std::ptr::read_unaligned(rows[r].as_ptr().add(4 * g).cast::<i64>()));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(x, b0));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(x, b1));
+        }
+    }
+    for r in 0..R {
+        // [c0 c1 c4 c5 | c2 c3 c6 c7] → [c0 … c7].
+        let sums = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(acc[r][0], acc[r][1]));
+        add_to(&mut out[r * stride..][..width], sums);
+    }
+}
+
+/// `out[r·stride + c] += Σ_g Σ_t rows[r][4g + t] · w[256g + 4c + t]` (wrapping) for `R` u8 rows
+/// and the first `width` ≤ 16 columns on AVX2, for narrow weights only (pairs within ±128, so
+/// `vpmaddubsw` never saturates; see the module's text): each 32 weight bytes are 8 columns'
+/// 4 k-values, and `vpmaddubsw` with the row's 4 bytes broadcast, then `vpmaddwd` by 1, gives
+/// the 8 columns' sums in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_kernel_u8<const R: usize, const PF: bool>(w: &[i8], rows: [&[u8]; R], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
+    let steps = rows[0].len() / 4;
+    assert!(w.len() == (steps - 1) * 4 * GROUP + 64 && rows.iter().all(|r| r.len() == 4 * steps) && width <= 16 && out.len() >= (R - 1) * stride + width);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+    let p = w.as_ptr();
+    for g in 0..steps {
+        let wp = p.add(g * 4 * GROUP);
+        if PF {
+            prefetch_step(next, g);
+        }
+        let b0 = _mm256_loadu_si256(wp.cast());
+        let b1 = _mm256_loadu_si256(wp.add(32).cast());
+        for r in 0..R {
+            let x = _mm256_set1_epi32(std::ptr::read_unaligned(rows[r].as_ptr().add(4 * g).cast::<i32>()));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b0), ones));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b1), ones));
+        }
+    }
+    for r in 0..R {
+        let o = &mut out[r * stride..][..width];
+        let (lo, hi) = o.split_at_mut(width.min(8));
+        add_to(lo, acc[r][0]);
+        if !hi.is_empty() {
+            add_to(hi, acc[r][1]);
+        }
+    }
+}
+
+/// `o[c] += v[c]` (wrapping) for the first `o.len()` ≤ 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn add_to(o: &mut [i32], v: __m256i) {
+    if o.len() == 8 {
+        let p = o.as_mut_ptr().cast::<__m256i>();
+        _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), v));
+    } else {
+        let mut t = [0i32; 8];
+        _mm256_storeu_si256(t.as_mut_ptr().cast(), v);
+        o.iter_mut().zip(t).for_each(|(o, v)| *o = o.wrapping_add(v));
+    }
+}
