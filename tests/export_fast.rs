@@ -27,7 +27,7 @@ fn export(ckpt: &Path, layout: Layout, int8: bool) -> tempfile::TempDir {
     let (model, _) = VisionEncoderDecoder::from_checkpoint(ckpt, &Device::Cpu).expect("load checkpoint");
     // No leading dot: transformers.js resolves model ids as paths and drops it.
     let dir = tempfile::Builder::new().prefix("vitgpt2-bundle-").tempdir().unwrap();
-    let opts = ExportOptions { out: dir.path().to_path_buf(), layout, fp32: true, int8 };
+    let opts = ExportOptions { out: dir.path().to_path_buf(), layout, fp32: true, int8, reduce_range: false };
     let files = export_bundle(&model, ckpt, &opts, serde_json::json!({"test": true})).expect("export");
     assert_eq!(files.iter().any(|f| f.file == "encoder_fast.onnx"), layout != Layout::Optimum);
     assert_eq!(files.iter().any(|f| f.file == "onnx/decoder_with_past_model.onnx"), layout != Layout::Fast);
@@ -116,6 +116,40 @@ fn check_checkpoint(ckpt: &Path, layout: Layout) {
         same += (a.tokens == b.tokens) as usize;
     }
     eprintln!("{}: int8 greedy tokens equal fp32's on {same}/{} images", ckpt.display(), IMAGES.len());
+}
+
+/// `export --reduce-range`: every int8 weight within ±64 (the AVX2 kernels' one-pass "narrow"
+/// path, `runtime::int8_gemv`), each matrix reaching 64 (scale = max / 64), the graphs saying
+/// so; the bundle loads as int8 and captions every image.
+#[test]
+fn reduce_range_exports_7_bit_weights() {
+    use prost::Message;
+    let ckpt = root().join("tests/fixtures/tiny-vit-gpt2");
+    let (model, _) = VisionEncoderDecoder::from_checkpoint(&ckpt, &Device::Cpu).expect("load checkpoint");
+    let dir = tempfile::Builder::new().prefix("vitgpt2-bundle-").tempdir().unwrap();
+    let opts = ExportOptions { out: dir.path().to_path_buf(), layout: Layout::Fast, fp32: false, int8: true, reduce_range: true };
+    export_bundle(&model, &ckpt, &opts, serde_json::json!({"test": true})).expect("export");
+    for file in ["encoder_fast_int8.onnx", "decoder_step_int8.onnx"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap();
+        let proto = tract_onnx::pb::ModelProto::decode(&bytes[..]).expect("ONNX protobuf");
+        let weights = proto.metadata_props.iter().find(|p| p.key == "vitgpt2.weights").map(|p| p.value.clone());
+        assert!(weights.as_deref().is_some_and(|w| w.contains("7-bit")), "{file}: vitgpt2.weights = {weights:?}");
+        let graph = proto.graph.expect("graph");
+        let mut matrices = 0;
+        for t in graph.initializer.iter().filter(|t| t.name.ends_with("_int8")) {
+            let max = t.raw_data.iter().map(|&b| (b as i8).unsigned_abs()).max();
+            assert_eq!(max, Some(64), "{file} {}: largest |weight|", t.name);
+            matrices += 1;
+        }
+        assert!(matrices >= 2, "{file}: {matrices} int8 matrices");
+    }
+    let q = runtime::open(dir.path(), &LoadOptions::default()).expect("load the 7-bit int8 bundle");
+    assert_eq!(q.engine().dtype(), "int8");
+    for name in IMAGES {
+        let img = vitgpt2::preprocess::load_image(&root().join("tests/fixtures/images").join(name)).unwrap();
+        let c = q.caption_image(&img, &q.generation_config().clone()).unwrap();
+        assert!(c.score.is_finite() && !c.tokens.is_empty(), "{name}");
+    }
 }
 
 #[test]

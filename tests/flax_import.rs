@@ -393,7 +393,7 @@ fn the_node_refuses_a_decoder_without_the_mask() {
     use prost::Message;
     let (model, _) = VisionEncoderDecoder::from_checkpoint(&fixture("flax-original"), &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let opts = vitgpt2::export::ExportOptions { out: out.path().to_path_buf(), layout: vitgpt2::export::Layout::Fast, fp32: true, int8: false };
+    let opts = vitgpt2::export::ExportOptions { out: out.path().to_path_buf(), layout: vitgpt2::export::Layout::Fast, fp32: true, int8: false, reduce_range: false };
     vitgpt2::export::export_bundle(&model, &fixture("flax-original"), &opts, serde_json::json!({})).unwrap();
     let opts = vitgpt2::runtime::LoadOptions::default();
     vitgpt2::runtime::open(out.path(), &opts).expect("the exported bundle loads");
@@ -413,7 +413,7 @@ fn int8_bundles_against_the_references() {
     for name in FIXTURES {
         let (model, _) = VisionEncoderDecoder::from_checkpoint(&fixture(name), &Device::Cpu).unwrap();
         let out = tempfile::tempdir().unwrap();
-        let opts = vitgpt2::export::ExportOptions { out: out.path().to_path_buf(), layout: vitgpt2::export::Layout::Fast, fp32: false, int8: true };
+        let opts = vitgpt2::export::ExportOptions { out: out.path().to_path_buf(), layout: vitgpt2::export::Layout::Fast, fp32: false, int8: true, reduce_range: false };
         vitgpt2::export::export_bundle(&model, &fixture(name), &opts, serde_json::json!({})).unwrap();
         let node = vitgpt2::runtime::open(out.path(), &vitgpt2::runtime::LoadOptions::default()).unwrap();
         assert_eq!(node.engine().dtype(), "int8");

@@ -300,7 +300,7 @@ fn the_exporters_int8_linears_fold_bit_exactly() {
     let mut unit = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
     let (m, k, n) = (7, 72, 40);
     let weights = vitgpt2::export::Weights::default();
-    let mut net = Net::new("linears", WeightForm::Int8, &weights);
+    let mut net = Net::new("linears", WeightForm::INT8, &weights);
     let x = net.g.input("x", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(k)]);
     let (w1, w2): (Vec<f32>, Vec<f32>) = ((0..k * n).map(|_| unit() * 0.1).collect(), (0..k * n).map(|_| unit() * 0.1).collect());
     let b: Vec<f32> = (0..n).map(|_| unit()).collect();

@@ -28,12 +28,30 @@ use crate::model::Activation;
 pub enum WeightForm {
     Fp32,
     /// int8 per output channel, symmetric; activations quantized per row and call, symmetric
-    /// (→ MatMulInteger without zero points → scales).
-    Int8,
+    /// (→ MatMulInteger without zero points → scales). With `reduce_range` the weights use 7
+    /// bits, within ±64 (onnxruntime's `quantize_dynamic(reduce_range=True)`): on x86-64 AVX2
+    /// without VNNI the node's products then run one `vpmaddubsw` pass, exact (no i16
+    /// saturation), at the cost of one bit of weight precision (`runtime::int8_gemv`).
+    Int8 { reduce_range: bool },
 }
 
-/// Per-output-channel symmetric int8 of a `[din, dout]` matrix: values and one scale per column.
-pub fn quantize_columns(w: &[f32], din: usize, dout: usize) -> (Vec<i8>, Vec<f32>) {
+impl WeightForm {
+    /// int8 at full range (±127).
+    pub const INT8: WeightForm = WeightForm::Int8 { reduce_range: false };
+
+    /// The largest quantized weight magnitude: 127, or 64 with `reduce_range` (so that any two
+    /// weights sum to at most 128 in magnitude: see `runtime::int8_gemv::GemvWeights::narrow`).
+    pub fn weight_max(self) -> f32 {
+        match self {
+            WeightForm::Int8 { reduce_range: true } => 64.0,
+            _ => 127.0,
+        }
+    }
+}
+
+/// Per-output-channel symmetric int8 of a `[din, dout]` matrix within ±`qmax` (127, or 64 for 7
+/// bits): values and one scale per column (max|column| / qmax).
+pub fn quantize_columns(w: &[f32], din: usize, dout: usize, qmax: f32) -> (Vec<i8>, Vec<f32>) {
     let mut scale = vec![0f32; dout];
     for r in 0..din {
         for c in 0..dout {
@@ -41,21 +59,22 @@ pub fn quantize_columns(w: &[f32], din: usize, dout: usize) -> (Vec<i8>, Vec<f32
         }
     }
     for s in scale.iter_mut() {
-        *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
+        *s = if *s > 0.0 { *s / qmax } else { 1.0 };
     }
-    let q = (0..din * dout).map(|i| (w[i] / scale[i % dout]).round().clamp(-127.0, 127.0) as i8).collect();
+    let q = (0..din * dout).map(|i| (w[i] / scale[i % dout]).round().clamp(-qmax, qmax) as i8).collect();
     (q, scale)
 }
 
-/// Per-row symmetric int8 of a `[rows, cols]` matrix (the token embedding: a row is a vocab entry).
-pub fn quantize_rows(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+/// Per-row symmetric int8 of a `[rows, cols]` matrix within ±`qmax` (the token embedding: a row
+/// is a vocab entry).
+pub fn quantize_rows(w: &[f32], rows: usize, cols: usize, qmax: f32) -> (Vec<i8>, Vec<f32>) {
     let mut q = Vec::with_capacity(rows * cols);
     let mut scale = Vec::with_capacity(rows);
     for r in 0..rows {
         let row = &w[r * cols..(r + 1) * cols];
         let m = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let s = if m > 0.0 { m / 127.0 } else { 1.0 };
-        q.extend(row.iter().map(|v| (v / s).round().clamp(-127.0, 127.0) as i8));
+        let s = if m > 0.0 { m / qmax } else { 1.0 };
+        q.extend(row.iter().map(|v| (v / s).round().clamp(-qmax, qmax) as i8));
         scale.push(s);
     }
     (q, scale)
@@ -106,8 +125,8 @@ impl<'w> Net<'w> {
                 let y = self.g.node("MatMul", &[x, &wn], vec![]);
                 self.g.node("Add", &[&y, &bias], vec![])
             }
-            WeightForm::Int8 => {
-                let (q, s) = quantize_columns(w, din, dout);
+            WeightForm::Int8 { .. } => {
+                let (q, s) = quantize_columns(w, din, dout, self.form.weight_max());
                 let wq = self.g.init_i8(&format!("{name}.weight_int8"), &[din, dout], &q);
                 let ws = self.g.init_f32(&format!("{name}.weight_scale"), &[dout], &s);
                 let y = self.matmul_int8(x, &wq, &ws);
@@ -437,7 +456,8 @@ fn meta(form: WeightForm) -> Vec<(&'static str, String)> {
         ("vitgpt2.layout", "fast".into()),
         ("vitgpt2.weights", match form {
             WeightForm::Fp32 => "fp32".into(),
-            WeightForm::Int8 => "int8 per-output-channel symmetric".into(),
+            WeightForm::Int8 { reduce_range: false } => "int8 per-output-channel symmetric".into(),
+            WeightForm::Int8 { reduce_range: true } => "int8 per-output-channel symmetric, 7-bit (reduce_range)".into(),
         }),
     ]
 }
@@ -551,8 +571,8 @@ pub fn token_embedding(net: &mut Net, wte_name: &str, ids: &str, vocab: usize, d
             let tok = net.g.node("Gather", &[&wte, ids], vec![("axis", Attr::Int(0))]);
             (tok, wte, None)
         }
-        WeightForm::Int8 => {
-            let (q, sc) = quantize_rows(wte, vocab, d);
+        WeightForm::Int8 { .. } => {
+            let (q, sc) = quantize_rows(wte, vocab, d, net.form.weight_max());
             let wq = net.g.init_i8(&format!("{wte_name}_int8"), &[vocab, d], &q);
             let ws = net.g.init_f32(&format!("{wte_name}_scale"), &[vocab], &sc);
             let rows = net.g.node("Gather", &[&wq, ids], vec![("axis", Attr::Int(0))]);

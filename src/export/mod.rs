@@ -104,7 +104,7 @@ pub fn preset_config(preset: ExportPreset) -> ModelConfig {
 pub fn fast_files(form: WeightForm) -> [String; 2] {
     let suffix = match form {
         WeightForm::Fp32 => graph::FP32,
-        WeightForm::Int8 => graph::FAST_INT8,
+        WeightForm::Int8 { .. } => graph::FAST_INT8,
     };
     graph::FAST.map(|stem| graph::file(stem, suffix))
 }
@@ -226,6 +226,8 @@ pub struct ExportOptions {
     pub layout: Layout,
     pub fp32: bool,
     pub int8: bool,
+    /// int8 weights in 7 bits ([`WeightForm::Int8`]'s `reduce_range`).
+    pub reduce_range: bool,
 }
 
 /// Exports `model` (with tokenizer and configs from `assets`) into a bundle; writes
@@ -238,7 +240,7 @@ pub fn export_bundle(model: &VisionEncoderDecoder, assets: &Path, opts: &ExportO
         forms.push(WeightForm::Fp32);
     }
     if opts.int8 {
-        forms.push(WeightForm::Int8);
+        forms.push(WeightForm::Int8 { reduce_range: opts.reduce_range });
     }
     for form in forms {
         let t = std::time::Instant::now();
@@ -280,6 +282,8 @@ pub struct ExportCommand {
     pub int8: bool,
     /// Write only the int8 graphs.
     pub int8_only: bool,
+    /// int8 weights in 7 bits (see [`WeightForm::Int8`]).
+    pub reduce_range: bool,
 }
 
 pub fn export_command(args: &ExportCommand) -> Result<i32> {
@@ -306,7 +310,7 @@ pub fn export_command(args: &ExportCommand) -> Result<i32> {
             (model, assets, prov)
         }
     };
-    let opts = ExportOptions { out: args.out.clone(), layout: args.layout, fp32: !args.int8_only, int8: args.int8 || args.int8_only };
+    let opts = ExportOptions { out: args.out.clone(), layout: args.layout, fp32: !args.int8_only, int8: args.int8 || args.int8_only, reduce_range: args.reduce_range };
     eprintln!("exporting to {}…", args.out.display());
     let files = export_bundle(&model, &assets, &opts, provenance)?;
     for f in &files {

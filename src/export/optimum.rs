@@ -21,7 +21,7 @@ use crate::error::Result;
 pub fn optimum_files(form: WeightForm) -> [String; 4] {
     let suffix = match form {
         WeightForm::Fp32 => graph::FP32,
-        WeightForm::Int8 => graph::OPTIMUM_INT8,
+        WeightForm::Int8 { .. } => graph::OPTIMUM_INT8,
     };
     [graph::ENCODER_MODEL, graph::DECODER_MERGED, graph::DECODER_MODEL, graph::DECODER_WITH_PAST]
         .map(|stem| format!("{}/{}", contract::ONNX_DIR, graph::file(stem, suffix)))

@@ -43,6 +43,8 @@ pub struct TrainAndExportOptions {
     pub out: PathBuf,
     /// Ship only the int8 graphs in the bundle (fp32 is still exported, evaluated and removed).
     pub int8_only: bool,
+    /// int8 weights in 7 bits ([`WeightForm::Int8`]'s `reduce_range`).
+    pub reduce_range: bool,
 }
 
 /// Share of images whose generated ids are the same in both evaluations (over the images both
@@ -91,7 +93,7 @@ pub fn train_and_export(args: &TrainAndExportOptions) -> Result<i32> {
         },
         "quantization": "int8 weights per output channel, symmetric; activations int8 per row, symmetric, at run time; LayerNorm, Softmax, GELU and the residual stream f32",
     });
-    let opts = ExportOptions { out: args.out.clone(), layout: Layout::Fast, fp32: true, int8: true };
+    let opts = ExportOptions { out: args.out.clone(), layout: Layout::Fast, fp32: true, int8: true, reduce_range: args.reduce_range };
     p.update(1, String::new());
     export_bundle(&model, &ckpt, &opts, provenance)?;
     p.finish(String::new());
@@ -142,7 +144,7 @@ pub fn train_and_export(args: &TrainAndExportOptions) -> Result<i32> {
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| Error::io(&manifest_path, "read", e))?;
     let mut manifest: Value = serde_json::from_str(&text).map_err(|e| Error::bundle(&manifest_path, e))?;
     let graph_bytes = |form| fast_files(form).iter().map(|f| file_len(&args.out.join(f))).sum::<u64>();
-    let (fp32_bytes, int8_bytes) = (graph_bytes(WeightForm::Fp32), graph_bytes(WeightForm::Int8));
+    let (fp32_bytes, int8_bytes) = (graph_bytes(WeightForm::Fp32), graph_bytes(WeightForm::INT8));
     if args.int8_only {
         let fp32_files = fast_files(WeightForm::Fp32);
         for f in &fp32_files {

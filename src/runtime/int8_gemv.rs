@@ -213,8 +213,8 @@ impl GemvWeights {
         }
         let mid = groups / 2;
         let c_mid = (mid * GROUP).min(n);
-        let mut lo = vec![0i32; m * c_mid];
-        let hi = std::sync::Mutex::new(vec![0i32; m * (n - c_mid)]);
+        let mut lo = self.accumulator(a0, m, 0..c_mid);
+        let hi = std::sync::Mutex::new(self.accumulator(a0, m, c_mid..n));
         helper_thread::join(
             || self.tiles(&packed, m, a0, &mut lo, c_mid, 0..mid),
             || self.tiles(&packed, m, a0, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), n - c_mid, mid..groups),

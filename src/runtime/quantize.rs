@@ -17,6 +17,9 @@ use tract_onnx::tract_core::ops::element_wise::{ElementWiseMiniOp, ElementWiseOp
 use tract_onnx::tract_core::ops::math::{Abs, Add, Max, Mul, Recip, Sub};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
 
+/// The rounding constant of the exporter's chain, 1.5·2²³ (`export::fast`'s `q.round_magic`).
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
 /// Rows of at least this many elements in all are quantized on rayon's current pool.
 const PARALLEL_MIN_LEN: usize = 1 << 16;
 
@@ -45,8 +48,20 @@ impl QuantizeRows {
         let amax = chunks.remainder().iter().fold(lanes.iter().fold(0f32, |m, &v| m.max(v)), |m, &v| m.max(v.abs()));
         let scale = amax.max(self.tiny) * self.inv_max;
         let inv = scale.recip();
-        for (q, &v) in q.iter_mut().zip(x) {
-            *q = ((v * inv + self.magic) - self.magic) as i8;
+        if self.magic == ROUND_MAGIC {
+            // x·inv + 1.5·2²³ lies in [2²³, 2²⁴) for |x·inv| < 2²², where the float's ulp is 1:
+            // its mantissa is 2²² + round_half_even(x·inv), so the low byte is the rounded value
+            // itself (|·| ≤ 127 here, as the scale is the row's maximum) — what `(r − M) as i8`
+            // gives, without the saturating cast, which did not vectorize: 0.8 → 0.13 ms for
+            // 197 × 3072 values (AMD EPYC, Zen 3). A NaN (from a NaN or infinite input) gives 0
+            // for the canonical NaN, like the cast, and its payload's low byte otherwise.
+            for (q, &v) in q.iter_mut().zip(x) {
+                *q = (v * inv + self.magic).to_bits() as i8;
+            }
+        } else {
+            for (q, &v) in q.iter_mut().zip(x) {
+                *q = ((v * inv + self.magic) - self.magic) as i8;
+            }
         }
         scale
     }

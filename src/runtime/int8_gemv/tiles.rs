@@ -66,7 +66,7 @@ impl GemvWeights {
             // Zero-padded to ⌈K/4⌉·4, meeting the weights' zero padding.
             let mut a = vec![0u8; rows * kp];
             a.chunks_exact_mut(kp).enumerate().for_each(|(r, dst)| row(r0 + r, &mut dst[..self.k]));
-            let mut acc = vec![0i32; rows * self.n];
+            let mut acc = self.accumulator(a0, rows, 0..self.n);
             self.tiles(&a, rows, a0, &mut acc, self.n, 0..self.n.div_ceil(GROUP));
             finish(r0, &acc, out);
         };
@@ -78,9 +78,26 @@ impl GemvWeights {
         }
     }
 
-    /// `out [rows, ..] = Σ_k (a − a0)·b` for the column groups `groups`, `a` being `rows` rows
-    /// of ⌈K/4⌉·4 u8 (zero-padded); `out` holds those groups' columns of each row, `stride`
-    /// apart, and starts zeroed.
+    /// The i32 accumulator for `rows` rows of the columns `cols` that [`tiles`](Self::tiles)
+    /// adds to: zeros, or for narrow weights (whose kernel multiplies `a` itself, not `a − a0`)
+    /// `−a0·Σ_k b` per column, since `Σ (a − a0)·b = Σ a·b − a0·Σ b` (wrapping, like the
+    /// product). Written once here rather than zeroed, then corrected.
+    pub(super) fn accumulator(&self, a0: u8, rows: usize, cols: std::ops::Range<usize>) -> Vec<i32> {
+        if !self.narrow {
+            return vec![0; rows * cols.len()];
+        }
+        let zero_term: Vec<i32> = self.col_sums[cols].iter().map(|&s| (a0 as i32).wrapping_mul(s).wrapping_neg()).collect();
+        let mut acc = Vec::with_capacity(rows * zero_term.len());
+        for _ in 0..rows {
+            acc.extend_from_slice(&zero_term);
+        }
+        acc
+    }
+
+    /// `out [rows, ..] += Σ_k (a − a0)·b` for the column groups `groups` (`out` from
+    /// [`accumulator`](Self::accumulator), which holds the zero point's part for narrow
+    /// weights), `a` being `rows` rows of ⌈K/4⌉·4 u8 (zero-padded); `out` holds those groups'
+    /// columns of each row, `stride` apart.
     pub(super) fn tiles(&self, a: &[u8], rows: usize, a0: u8, out: &mut [i32], stride: usize, groups: std::ops::Range<usize>) {
         let kp = self.kg * 4;
         if rows == 0 {
@@ -88,14 +105,7 @@ impl GemvWeights {
         }
         assert!(a.len() == rows * kp && out.len() >= (rows - 1) * stride + (self.n.min(groups.end * GROUP) - groups.start * GROUP), "GemvWeights::tiles: operand sizes");
         if self.narrow {
-            self.tile_pass::<u8>(a, rows, out, stride, groups.clone());
-            // Σ (a − a0)·b = Σ a·b − a0·Σ b (wrapping, like the product).
-            let cols = groups.start * GROUP..self.n.min(groups.end * GROUP);
-            for out_row in out.chunks_mut(stride).take(rows) {
-                for (o, &s) in out_row.iter_mut().zip(&self.col_sums[cols.clone()]) {
-                    *o = o.wrapping_sub((a0 as i32).wrapping_mul(s));
-                }
-            }
+            self.tile_pass::<u8>(a, rows, out, stride, groups);
         } else {
             let centered: Vec<i16> = a.iter().map(|&v| v as i16 - a0 as i16).collect();
             // The padding's −a0 meets zero weights.
