@@ -173,6 +173,7 @@ trait TileElement: Copy + Sized {
 }
 
 /// Calls `$kernel::<R, $pf>` for `R` = `$n` (1..=6) rows of `$r`.
+#[cfg(target_arch = "x86_64")]
 macro_rules! by_rows {
     ($kernel:ident, $pf:literal, $n:expr, $w:expr, $r:expr, $out:expr, $stride:expr, $width:expr, $next:expr) => {
         match $n {
