@@ -42,8 +42,12 @@ def main():
             t.CopyFrom(numpy_helper.from_array(q7, name))
             inits[scale_name].CopyFrom(numpy_helper.from_array(scale, scale_name))
             done += 1
+        for prop in model.metadata_props:
+            if prop.key == "vitgpt2.weights":
+                prop.value = "int8 per-output-channel symmetric, 7-bit (reduce_range)"
         onnx.save(model, os.path.join(dst, g))
         print(f"{g}: {done} matrices to 7 bits")
+    print(f"note: {os.path.join(dst, 'manifest.json')} still lists the 8-bit files' sizes and sha256")
 
 
 if __name__ == "__main__":

@@ -170,9 +170,9 @@ fn int8_products_equal_tracts_matmul_integer() {
     // one row on the few-row kernel, 3–15 on AVX2's tiles (2 rows, or 2–4 with VNNI, stay whole).
     vitgpt2::runtime::set_threads(2);
     for &(m, k, n) in &[(197, 768, 65), (64, 300, 257), (1, 768, 1400), (1, 300, 65), (1, 40, 64), (4, 1024, 1100), (3, 50, 64), (5, 40, 65), (37, 3072, 70)] {
-        for (zero, narrow) in [(Zero::None, false), (Zero::Varying, false), (Zero::None, true)] {
+        for (zero, narrow, a_signed) in [(Zero::None, false, false), (Zero::Varying, false, false), (Zero::None, true, true), (Zero::Varying, true, false)] {
             seed += 1;
-            let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed: false, b_signed: true, zero, narrow }, seed, Int8Gemm::Auto);
+            let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed, b_signed: true, zero, narrow }, seed, Int8Gemm::Auto);
             assert_eq!(substituted, 1);
             assert!(rten == tract && rten.iter().zip(&naive).all(|(a, b)| *a as i64 == *b), "2 threads, m={m} k={k} n={n} {zero:?} narrow {narrow}");
         }
@@ -292,15 +292,24 @@ fn dequantization_folds_into_the_product_bit_exactly() {
 /// dequantization, bias), two of them on one input as the query and key projections are: with
 /// the folds, one `QuantizeRows` and two f32-out products; bit-identical to tract's ops on rows
 /// of every kind (ordinary, zero, below the clamp, huge, one element much larger than the rest).
+/// At 8 bits and with `--reduce-range`'s 7 (on AVX2 without VNNI: the i16 and the narrow u8
+/// tiles).
 #[test]
 fn the_exporters_int8_linears_fold_bit_exactly() {
-    use vitgpt2::export::fast::{Net, WeightForm};
+    use vitgpt2::export::fast::WeightForm;
+    for form in [WeightForm::INT8, WeightForm::Int8 { reduce_range: true }] {
+        linears_fold_bit_exactly(form);
+    }
+}
+
+fn linears_fold_bit_exactly(form: vitgpt2::export::fast::WeightForm) {
+    use vitgpt2::export::fast::Net;
     use vitgpt2::runtime::int8::Int8MatMul;
     let mut rng = SplitMix::new(777);
     let mut unit = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
     let (m, k, n) = (7, 72, 40);
     let weights = vitgpt2::export::Weights::default();
-    let mut net = Net::new("linears", WeightForm::INT8, &weights);
+    let mut net = Net::new("linears", form, &weights);
     let x = net.g.input("x", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(k)]);
     let (w1, w2): (Vec<f32>, Vec<f32>) = ((0..k * n).map(|_| unit() * 0.1).collect(), (0..k * n).map(|_| unit() * 0.1).collect());
     let b: Vec<f32> = (0..n).map(|_| unit()).collect();
@@ -345,8 +354,8 @@ fn the_exporters_int8_linears_fold_bit_exactly() {
     };
     let (quantize, folded, ours) = run(Int8Gemm::Auto);
     let (_, _, tract) = run(Int8Gemm::Tract);
-    assert_eq!((quantize, folded), (1, 2), "QuantizeRows ops and f32-out products");
+    assert_eq!((quantize, folded), (1, 2), "{form:?}: QuantizeRows ops and f32-out products");
     if let Some(i) = (0..ours.len()).find(|&i| ours[i] != tract[i]) {
-        panic!("element {i}: {} folded, {} in tract", f32::from_bits(ours[i]), f32::from_bits(tract[i]));
+        panic!("{form:?}: element {i}: {} folded, {} in tract", f32::from_bits(ours[i]), f32::from_bits(tract[i]));
     }
 }

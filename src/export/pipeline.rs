@@ -91,7 +91,7 @@ pub fn train_and_export(args: &TrainAndExportOptions) -> Result<i32> {
             "from": ckpt.display().to_string(),
             "sha256": tokenizer.map(|p| sha256_file(&p)).transpose()?,
         },
-        "quantization": "int8 weights per output channel, symmetric; activations int8 per row, symmetric, at run time; LayerNorm, Softmax, GELU and the residual stream f32",
+        "quantization": format!("int8 weights per output channel, symmetric{}; activations int8 per row, symmetric, at run time; LayerNorm, Softmax, GELU and the residual stream f32", if args.reduce_range { ", 7-bit (reduce_range)" } else { "" }),
     });
     let opts = ExportOptions { out: args.out.clone(), layout: Layout::Fast, fp32: true, int8: true, reduce_range: args.reduce_range };
     p.update(1, String::new());

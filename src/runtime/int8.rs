@@ -17,7 +17,8 @@
 //! point shifted alike, and a u8 right operand by −128, which changes neither difference. The
 //! one kernel that can round (x86-64 AVX2 without VNNI, whose `vpmaddubsw` saturates pairs of
 //! products to i16) gets the left operand in two 7-bit parts, each exact (see the eval) — and
-//! where our i16 tiles run ([`tiles_available`]), one exact pass in their place; tract's
+//! where our tiles run ([`tiles_available`]), one exact pass in their place (i16, or u8 for
+//! narrow weights: `int8_gemv`); tract's
 //! own int8 kernel there (`avx2_mmm_i32_8x8`) measured ~0.5 GMAC/s on an AMD EPYC (Zen 3), 37 s
 //! per encoder, 70× slower than the same model in f32. `tests/int8_gemm.rs` checks
 //! equality with tract's own `MatMulInteger` on random shapes, odd edge sizes and every
@@ -52,7 +53,7 @@ pub fn kernel() -> &'static str {
 }
 
 const TILES_NAME: &str = "avx2 i16 tiles (vitgpt2, exact)";
-/// [`TILES_NAME`] for narrow (e.g. 7-bit) weights, one `vpmaddubsw` pass ([`GemvWeights::narrow`]).
+/// For narrow (e.g. 7-bit) weights: one `vpmaddubsw` pass ([`GemvWeights::narrow`]).
 const NARROW_TILES_NAME: &str = "avx2 u8 tiles, narrow weights (vitgpt2, exact)";
 
 /// Whether products of many rows run on [`GemvWeights::gemm_tiles`] rather than rten-gemm:
@@ -64,7 +65,7 @@ pub fn tiles_available() -> bool {
 /// The kernels products run on here, few rows then many (for logs and the bench's report).
 pub fn kernels() -> String {
     let few = if int8_gemv::available() { int8_gemv::kernel_name() } else { kernel() };
-    let many = if tiles_available() { TILES_NAME } else { kernel() };
+    let many = if tiles_available() { "avx2 i16 tiles, u8 for narrow weights (vitgpt2, exact)" } else { kernel() };
     format!("{few} (few rows), {many} (many rows)")
 }
 
@@ -390,7 +391,7 @@ impl TypedOp for Int8MatMul {
 ///
 /// With `ours`, products whose rows are known at load to be fewer than 16 (apart from
 /// symbolic batch and sequence sizes: a decoder step's one row per sequence) run on
-/// [`GemvWeights`] where the CPU has AVX-512 VNNI or AVX2, and the others on its i16 tiles
+/// [`GemvWeights`] where the CPU has AVX-512 VNNI or AVX2, and the others on its tiles
 /// where rten-gemm's kernel saturates ([`tiles_available`]); all others on rten-gemm.
 pub fn substitute(model: &mut TypedModel, ours: bool) -> TractResult<usize> {
     let mut done = 0;

@@ -48,7 +48,9 @@ impl QuantizeRows {
         let amax = chunks.remainder().iter().fold(lanes.iter().fold(0f32, |m, &v| m.max(v)), |m, &v| m.max(v.abs()));
         let scale = amax.max(self.tiny) * self.inv_max;
         let inv = scale.recip();
-        if self.magic == ROUND_MAGIC {
+        // The shortcut needs |x·inv| ≤ 127 (so inv_max ≥ 1/127) and a finite inv (a normal
+        // smallest scale): the exporter's chain has both; any other takes the cast.
+        if self.magic == ROUND_MAGIC && self.inv_max >= 1.0 / 127.0 && (self.tiny * self.inv_max).is_normal() {
             // x·inv + 1.5·2²³ lies in [2²³, 2²⁴) for |x·inv| < 2²², where the float's ulp is 1:
             // its mantissa is 2²² + round_half_even(x·inv), so the low byte is the rounded value
             // itself (|·| ≤ 127 here, as the scale is the row's maximum) — what `(r − M) as i8`

@@ -63,11 +63,22 @@ impl GemvWeights {
         let rows_per = m.div_ceil(threads).max(1);
         let run = |(t, out): (usize, &mut [T])| {
             let (r0, rows) = (t * rows_per, out.len() / self.n);
-            // Zero-padded to ⌈K/4⌉·4, meeting the weights' zero padding.
-            let mut a = vec![0u8; rows * kp];
-            a.chunks_exact_mut(kp).enumerate().for_each(|(r, dst)| row(r0 + r, &mut dst[..self.k]));
             let mut acc = self.accumulator(a0, rows, 0..self.n);
-            self.tiles(&a, rows, a0, &mut acc, self.n, 0..self.n.div_ceil(GROUP));
+            let groups = 0..self.n.div_ceil(GROUP);
+            // Rows zero-padded to ⌈K/4⌉·4, meeting the weights' zero padding.
+            if self.narrow {
+                let mut a = vec![0u8; rows * kp];
+                a.chunks_exact_mut(kp).enumerate().for_each(|(r, dst)| row(r0 + r, &mut dst[..self.k]));
+                self.tile_pass::<u8>(&a, rows, &mut acc, self.n, groups);
+            } else {
+                // Centered as i16 row by row (one row's u8 in a scratch that stays in L1).
+                let (mut scratch, mut centered) = (vec![0u8; self.k], vec![0i16; rows * kp]);
+                for (r, dst) in centered.chunks_exact_mut(kp).enumerate() {
+                    row(r0 + r, &mut scratch);
+                    dst.iter_mut().zip(&scratch).for_each(|(d, &v)| *d = v as i16 - a0 as i16);
+                }
+                self.tile_pass::<i16>(&centered, rows, &mut acc, self.n, groups);
+            }
             finish(r0, &acc, out);
         };
         if threads > 1 && rows_per >= TILE_ROWS && m > rows_per {
@@ -94,10 +105,10 @@ impl GemvWeights {
         acc
     }
 
-    /// `out [rows, ..] += Σ_k (a − a0)·b` for the column groups `groups` (`out` from
-    /// [`accumulator`](Self::accumulator), which holds the zero point's part for narrow
-    /// weights), `a` being `rows` rows of ⌈K/4⌉·4 u8 (zero-padded); `out` holds those groups'
-    /// columns of each row, `stride` apart.
+    /// `out [rows, ..] += Σ_k (a − a0)·b` for the column groups `groups`, `a` being `rows` rows
+    /// of ⌈K/4⌉·4 u8 (zero-padded); `out` holds those groups' columns of each row, `stride`
+    /// apart. `out` must come from [`accumulator`](Self::accumulator) for the same `a0` and
+    /// columns: for narrow weights it holds the zero point's part, which a zeroed `out` lacks.
     pub(super) fn tiles(&self, a: &[u8], rows: usize, a0: u8, out: &mut [i32], stride: usize, groups: std::ops::Range<usize>) {
         let kp = self.kg * 4;
         if rows == 0 {
