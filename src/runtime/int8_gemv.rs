@@ -203,22 +203,20 @@ impl GemvWeights {
 
     /// [`gemm_tiles`](Self::gemm_tiles) for a few rows, the column groups halved with the helper.
     fn tiles_on_two(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
-        let (kp, n) = (self.kg * 4, self.n);
+        let n = self.n;
         let groups = n.div_ceil(GROUP);
         if groups < 2 {
             return self.gemm_tiles(a, m, a0, out);
         }
-        let mut packed = vec![0u8; m * kp];
-        for (dst, row) in packed.chunks_exact_mut(kp).zip(a.chunks_exact(self.k)) {
-            dst[..self.k].copy_from_slice(row);
-        }
+        let k = self.k;
+        let packed = self.pack_rows(m, a0, |r, dst| dst.copy_from_slice(&a[r * k..(r + 1) * k]));
         let mid = groups / 2;
         let c_mid = (mid * GROUP).min(n);
         let mut lo = self.accumulator(a0, m, 0..c_mid);
         let hi = std::sync::Mutex::new(self.accumulator(a0, m, c_mid..n));
         helper_thread::join(
-            || self.tiles(&packed, m, a0, &mut lo, c_mid, 0..mid),
-            || self.tiles(&packed, m, a0, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), n - c_mid, mid..groups),
+            || self.tiles(&packed, m, &mut lo, c_mid, 0..mid),
+            || self.tiles(&packed, m, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), n - c_mid, mid..groups),
         );
         let hi = hi.into_inner().unwrap_or_else(|e| e.into_inner());
         for (r, out_row) in out.chunks_exact_mut(n).enumerate() {

@@ -55,7 +55,6 @@ impl GemvWeights {
     ) {
         assert!(out.len() == m * self.n, "GemvWeights::gemm_tiles: output size");
         assert!(isa().is_some(), "GemvWeights::gemm_tiles on a CPU without AVX2");
-        let kp = self.kg * 4;
         let threads = rayon::current_num_threads().max(1);
         // Rows split evenly (197 on 2 threads: 99 + 98, each with a partial last tile, rather
         // than whole tiles' 102 + 95), and only where each thread gets a full tile: a beam's
@@ -63,22 +62,9 @@ impl GemvWeights {
         let rows_per = m.div_ceil(threads).max(1);
         let run = |(t, out): (usize, &mut [T])| {
             let (r0, rows) = (t * rows_per, out.len() / self.n);
+            let packed = self.pack_rows(rows, a0, |r, dst| row(r0 + r, dst));
             let mut acc = self.accumulator(a0, rows, 0..self.n);
-            let groups = 0..self.n.div_ceil(GROUP);
-            // Rows zero-padded to ⌈K/4⌉·4, meeting the weights' zero padding.
-            if self.narrow {
-                let mut a = vec![0u8; rows * kp];
-                a.chunks_exact_mut(kp).enumerate().for_each(|(r, dst)| row(r0 + r, &mut dst[..self.k]));
-                self.tile_pass::<u8>(&a, rows, &mut acc, self.n, groups);
-            } else {
-                // Centered as i16 row by row (one row's u8 in a scratch that stays in L1).
-                let (mut scratch, mut centered) = (vec![0u8; self.k], vec![0i16; rows * kp]);
-                for (r, dst) in centered.chunks_exact_mut(kp).enumerate() {
-                    row(r0 + r, &mut scratch);
-                    dst.iter_mut().zip(&scratch).for_each(|(d, &v)| *d = v as i16 - a0 as i16);
-                }
-                self.tile_pass::<i16>(&centered, rows, &mut acc, self.n, groups);
-            }
+            self.tiles(&packed, rows, &mut acc, self.n, 0..self.n.div_ceil(GROUP));
             finish(r0, &acc, out);
         };
         if threads > 1 && rows_per >= TILE_ROWS && m > rows_per {
@@ -105,28 +91,45 @@ impl GemvWeights {
         acc
     }
 
-    /// `out [rows, ..] += Σ_k (a − a0)·b` for the column groups `groups`, `a` being `rows` rows
-    /// of ⌈K/4⌉·4 u8 (zero-padded); `out` holds those groups' columns of each row, `stride`
-    /// apart. `out` must come from [`accumulator`](Self::accumulator) for the same `a0` and
-    /// columns: for narrow weights it holds the zero point's part, which a zeroed `out` lacks.
-    pub(super) fn tiles(&self, a: &[u8], rows: usize, a0: u8, out: &mut [i32], stride: usize, groups: std::ops::Range<usize>) {
+    /// `rows` rows (`row(r, dst)` writes row `r`'s `K` u8 values, zero point `a0`) as the
+    /// kernel for this matrix takes them, zero-padded to ⌈K/4⌉·4 to meet the weights' padding:
+    /// u8 as they are for narrow weights, else centered as i16 row by row (one row's u8 in a
+    /// scratch that stays in L1).
+    pub(super) fn pack_rows(&self, rows: usize, a0: u8, row: impl Fn(usize, &mut [u8])) -> PackedRows {
         let kp = self.kg * 4;
+        if self.narrow {
+            let mut a = vec![0u8; rows * kp];
+            a.chunks_exact_mut(kp).enumerate().for_each(|(r, dst)| row(r, &mut dst[..self.k]));
+            return PackedRows::Narrow(a);
+        }
+        let (mut scratch, mut centered) = (vec![0u8; self.k], vec![0i16; rows * kp]);
+        for (r, dst) in centered.chunks_exact_mut(kp).enumerate() {
+            row(r, &mut scratch);
+            dst.iter_mut().zip(&scratch).for_each(|(d, &v)| *d = v as i16 - a0 as i16);
+        }
+        PackedRows::Centered(centered)
+    }
+
+    /// `out [rows, ..] += Σ_k (a − a0)·b` for the column groups `groups`, the rows from
+    /// [`pack_rows`](Self::pack_rows); `out` holds those groups' columns of each row, `stride`
+    /// apart, and must come from [`accumulator`](Self::accumulator) for the same `a0` and
+    /// columns: for narrow weights it holds the zero point's part, which a zeroed `out` lacks.
+    pub(super) fn tiles(&self, packed: &PackedRows, rows: usize, out: &mut [i32], stride: usize, groups: std::ops::Range<usize>) {
         if rows == 0 {
             return;
         }
-        assert!(a.len() == rows * kp && out.len() >= (rows - 1) * stride + (self.n.min(groups.end * GROUP) - groups.start * GROUP), "GemvWeights::tiles: operand sizes");
-        if self.narrow {
-            self.tile_pass::<u8>(a, rows, out, stride, groups);
-        } else {
-            let centered: Vec<i16> = a.iter().map(|&v| v as i16 - a0 as i16).collect();
-            // The padding's −a0 meets zero weights.
-            self.tile_pass::<i16>(&centered, rows, out, stride, groups);
+        let width = self.n.min(groups.end * GROUP) - groups.start * GROUP;
+        assert!(out.len() >= (rows - 1) * stride + width, "GemvWeights::tiles: output size");
+        match packed {
+            PackedRows::Narrow(a) => self.tile_pass::<u8>(a, rows, out, stride, groups),
+            PackedRows::Centered(a) => self.tile_pass::<i16>(a, rows, out, stride, groups),
         }
     }
 
     /// `out += packed · b` over the kernel for `E` (u8: narrow weights; i16: centered rows).
     fn tile_pass<E: TileElement>(&self, packed: &[E], rows: usize, out: &mut [i32], stride: usize, groups: std::ops::Range<usize>) {
         let kp = self.kg * 4;
+        assert!(packed.len() == rows * kp, "GemvWeights::tiles: packed rows");
         let col0 = groups.start * GROUP;
         let width_of_pass = E::COLUMNS;
         for g0 in (0..self.kg).step_by(TILE_KG) {
@@ -164,6 +167,14 @@ impl GemvWeights {
     }
 }
 
+/// Rows packed for this matrix's tile kernel ([`GemvWeights::pack_rows`]).
+pub(super) enum PackedRows {
+    /// u8 rows, for narrow weights.
+    Narrow(Vec<u8>),
+    /// i16 `a − a0`, for any weights.
+    Centered(Vec<i16>),
+}
+
 /// Cache lines to fetch ahead while a tile runs: line `(first + g) mod lines` from `base` at step
 /// `g` (none when `lines` is 0).
 struct Prefetch {
@@ -183,7 +194,20 @@ trait TileElement: Copy + Sized {
     unsafe fn tile(n_rows: usize, w: &[i8], rows: [&[Self]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch);
 }
 
-/// Calls `$kernel::<R, $pf>` for `R` = `$n` (1..=6) rows of `$r`.
+/// Calls `$kernel::<R, PF>` for `R` = `$n` (1..=6) rows of `$r`, `PF` = whether `$next` has
+/// lines to prefetch.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_call {
+    ($kernel:ident, $n:expr, $w:expr, $r:expr, $out:expr, $stride:expr, $width:expr, $next:expr) => {
+        if $next.lines > 0 {
+            by_rows!($kernel, true, $n, $w, $r, $out, $stride, $width, $next)
+        } else {
+            by_rows!($kernel, false, $n, $w, $r, $out, $stride, $width, $next)
+        }
+    };
+}
+
+/// [`tile_call`]'s dispatch for one `PF`.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_rows {
     ($kernel:ident, $pf:literal, $n:expr, $w:expr, $r:expr, $out:expr, $stride:expr, $width:expr, $next:expr) => {
@@ -202,11 +226,7 @@ impl TileElement for i16 {
     const COLUMNS: usize = 8;
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile(n_rows: usize, w: &[i8], rows: [&[i16]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
-        if next.lines > 0 {
-            by_rows!(tile_kernel_i16, true, n_rows, w, rows, out, stride, width, next)
-        } else {
-            by_rows!(tile_kernel_i16, false, n_rows, w, rows, out, stride, width, next)
-        }
+        tile_call!(tile_kernel_i16, n_rows, w, rows, out, stride, width, next)
     }
 }
 
@@ -214,11 +234,7 @@ impl TileElement for u8 {
     const COLUMNS: usize = 16;
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile(n_rows: usize, w: &[i8], rows: [&[u8]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
-        if next.lines > 0 {
-            by_rows!(tile_kernel_u8, true, n_rows, w, rows, out, stride, width, next)
-        } else {
-            by_rows!(tile_kernel_u8, false, n_rows, w, rows, out, stride, width, next)
-        }
+        tile_call!(tile_kernel_u8, n_rows, w, rows, out, stride, width, next)
     }
 }
 
