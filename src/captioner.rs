@@ -62,6 +62,8 @@ pub struct Captioner {
     limits: DecodeLimits,
     /// Milliseconds spent opening the assets and loading the engine.
     pub load_ms: f64,
+    /// Set once a caption is out: the weights then move to huge pages in the background.
+    settled: std::sync::Once,
 }
 
 fn ms(since: Instant) -> f64 {
@@ -71,7 +73,7 @@ fn ms(since: Instant) -> f64 {
 impl Captioner {
     /// `assets` and the `engine` that runs their model; `load_ms` is what loading them took.
     pub fn new(assets: ModelAssets, engine: Box<dyn Engine>, load_ms: f64) -> Self {
-        Captioner { assets, engine, limits: DecodeLimits::default(), load_ms }
+        Captioner { assets, engine, limits: DecodeLimits::default(), load_ms, settled: std::sync::Once::new() }
     }
 
     /// The same captioner with other limits on the image files it decodes.
@@ -120,6 +122,8 @@ impl Captioner {
         let generated = generate(gen, |rows| encoding.session(rows))?;
         let decoder = ms(t2);
         let caption = self.assets.tokenizer.decode(&generated.tokens)?;
+        // After the first caption, not before: a cold start's first caption never waits for it.
+        self.settled.call_once(crate::runtime::weight_memory::collapse_in_background);
         Ok(Caption {
             caption,
             tokens: generated.tokens,

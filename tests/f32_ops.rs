@@ -20,6 +20,9 @@ struct Case {
     d: usize,
     /// The query batch symbolic in the graph (as the decoder's beam), `b` at run time.
     sym: bool,
+    /// The output as `[b, m, h, d]` (heads after rows, as ViT's attention before its output
+    /// projection), so the last product writes its batches strided.
+    heads_last: bool,
 }
 
 fn random(rng: &mut SplitMix, n: usize, scale: f32) -> Vec<f32> {
@@ -43,7 +46,13 @@ fn run_case(c: &Case, seed: u64) -> (usize, Vec<f32>, Vec<f32>, Vec<f64>) {
     let s = g.node("MatMul", &[&q, &kt], vec![]);
     let p = g.node("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
     let y = g.node("MatMul", &[&p, &v], vec![]);
-    g.output(&y, "y", DataType::Float, &q_dims);
+    let (y, y_dims) = if c.heads_last {
+        let t = g.node("Transpose", &[&y], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        (t, vec![q_dims[0].clone(), Dim::Fixed(c.m), Dim::Fixed(c.h), Dim::Fixed(c.d)])
+    } else {
+        (y, q_dims.clone())
+    };
+    g.output(&y, "y", DataType::Float, &y_dims);
     let proto = g.finish("f32 ops check", &[]);
     let model = tract_onnx::onnx().model_for_proto_model(&proto).expect("tract parses the graph");
 
@@ -61,19 +70,20 @@ fn run_case(c: &Case, seed: u64) -> (usize, Vec<f32>, Vec<f32>, Vec<f64>) {
             let kvo = (bk * c.h + hi) * c.n * c.d;
             for mi in 0..c.m {
                 let qo = ((bi * c.h + hi) * c.m + mi) * c.d;
+                let yo = if c.heads_last { ((bi * c.m + mi) * c.h + hi) * c.d } else { qo };
                 let s: Vec<f64> = (0..c.n).map(|j| (0..c.d).map(|l| qv[qo + l] as f64 * kv[kvo + j * c.d + l] as f64).sum()).collect();
                 let max = s.iter().cloned().fold(f64::MIN, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
                 let sum: f64 = e.iter().sum();
                 for l in 0..c.d {
-                    naive[qo + l] = (0..c.n).map(|j| e[j] / sum * vv[kvo + j * c.d + l] as f64).sum();
+                    naive[yo + l] = (0..c.n).map(|j| e[j] / sum * vv[kvo + j * c.d + l] as f64).sum();
                 }
             }
         }
     }
     let run = |swap: bool| {
         let (typed, _) = optimize_with(model.clone(), Int8Gemm::Tract, swap).expect("optimizes");
-        let swapped = typed.nodes().iter().filter(|n| matches!(&*n.op().name(), "RowSoftmax" | "FewRowMatMul")).count();
+        let swapped = typed.nodes().iter().filter(|n| matches!(&*n.op().name(), "RowSoftmax" | "FewRowMatMul" | "BatchedMatMul")).count();
         let out = typed.into_runnable().expect("runnable").run(values.clone()).expect("runs");
         (swapped, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect::<Vec<_>>())
     };
@@ -87,21 +97,25 @@ fn run_case(c: &Case, seed: u64) -> (usize, Vec<f32>, Vec<f32>, Vec<f64>) {
 fn attention_on_the_swapped_ops_matches_tract_and_the_definition() {
     let cases = [
         // A decoder step's cross-attention: 1 query row, 197 keys, keys of one image for a beam of 4.
-        Case { b: 4, bk: 1, h: 3, m: 1, n: 197, d: 64, sym: false },
-        Case { b: 4, bk: 1, h: 3, m: 1, n: 197, d: 64, sym: true },
-        Case { b: 2, bk: 1, h: 1, m: 1, n: 9, d: 5, sym: true },
+        Case { b: 4, bk: 1, h: 3, m: 1, n: 197, d: 64, sym: false, heads_last: false },
+        Case { b: 4, bk: 1, h: 3, m: 1, n: 197, d: 64, sym: true, heads_last: false },
+        Case { b: 2, bk: 1, h: 1, m: 1, n: 9, d: 5, sym: true, heads_last: false },
         // Self-attention over the cache: batch on both sides, odd lengths.
-        Case { b: 2, bk: 2, h: 2, m: 1, n: 1, d: 64, sym: false },
-        Case { b: 3, bk: 3, h: 1, m: 3, n: 31, d: 17, sym: false },
-        Case { b: 1, bk: 1, h: 2, m: 15, n: 5, d: 8, sym: false },
-        // The encoder's: many rows, softmax only.
-        Case { b: 1, bk: 1, h: 2, m: 197, n: 197, d: 64, sym: false },
-        Case { b: 1, bk: 1, h: 1, m: 16, n: 3, d: 7, sym: false },
+        Case { b: 2, bk: 2, h: 2, m: 1, n: 1, d: 64, sym: false, heads_last: false },
+        Case { b: 3, bk: 3, h: 1, m: 3, n: 31, d: 17, sym: false, heads_last: false },
+        Case { b: 1, bk: 1, h: 2, m: 15, n: 5, d: 8, sym: false, heads_last: false },
+        // The encoder's: many rows (BatchedMatMul), heads first or after the rows.
+        Case { b: 1, bk: 1, h: 2, m: 197, n: 197, d: 64, sym: false, heads_last: false },
+        Case { b: 1, bk: 1, h: 3, m: 197, n: 197, d: 64, sym: false, heads_last: true },
+        Case { b: 1, bk: 1, h: 1, m: 16, n: 3, d: 7, sym: false, heads_last: false },
+        // Many rows with a broadcast batch, a symbolic one, odd sizes.
+        Case { b: 3, bk: 1, h: 2, m: 21, n: 13, d: 9, sym: false, heads_last: true },
+        Case { b: 2, bk: 1, h: 5, m: 17, n: 2, d: 3, sym: true, heads_last: false },
     ];
     for (i, c) in cases.iter().enumerate() {
         let (swapped, ours, tract, naive) = run_case(c, 100 + i as u64);
-        // Softmax always; both products only under 16 query rows.
-        let want = if c.m < 16 { 3 } else { 1 };
+        // Softmax and both products (FewRowMatMul under 16 query rows, else BatchedMatMul).
+        let want = 3;
         assert_eq!(swapped, want, "case {i}: swapped nodes");
         // Outputs are convex combinations of values in [-1, 1]: absolute errors. Both f32 paths
         // stay within 1.3e-6 of the f64 definition on these cases (197 keys of 64 terms the
@@ -113,6 +127,19 @@ fn attention_on_the_swapped_ops_matches_tract_and_the_definition() {
         assert!(e_ours < 4e-6, "case {i}: swapped ops off the definition by {e_ours}");
         assert!(e_tract < 4e-6, "case {i}: tract off the definition by {e_tract}");
     }
+}
+
+#[test]
+fn many_rows_give_the_same_bits_on_two_threads() {
+    // ViT-B/16's attention: the heads split across threads, each head's sums in the same order.
+    let c = Case { b: 1, bk: 1, h: 12, m: 197, n: 197, d: 64, sym: false, heads_last: true };
+    vitgpt2::runtime::set_threads(1);
+    let (swapped, one, _, _) = run_case(&c, 7);
+    vitgpt2::runtime::set_threads(2);
+    let (_, two, _, _) = run_case(&c, 7);
+    vitgpt2::runtime::set_threads(1);
+    assert_eq!(swapped, 3);
+    assert!(one.iter().zip(&two).all(|(a, b)| a.to_bits() == b.to_bits()), "2 threads changed the results");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Two f32 operators of a graph swapped at load for ones that are faster here (issue #15); the
+//! f32 operators of a graph swapped at load for ones that are faster here (issue #15); the
 //! graph, the optimizer and the executor stay tract's.
 //!
 //! - **Softmax over the last axis, any row length** ([`RowSoftmax`], rten-vecmath's vectorized
@@ -10,6 +10,8 @@
 //!   than the product: ~6 ms per token re-packing the cross-attention keys/values. Here each
 //!   output is a dot product over contiguous memory (`q·kᵀ`) or a sum of contiguous rows
 //!   (`p·v`), reading the operand once, unpacked.
+//! - **Products of many rows by a non-constant matrix** ([`BatchedMatMul`]): the encoder's
+//!   attention, each head's product on rten-gemm's f32 kernel, the heads across threads.
 //!
 //! Accuracy: rten-vecmath's softmax is within 3 ulp of the definition (its own tests); the
 //! products sum in another order than tract's (8 partial sums), a difference of the order of
@@ -22,6 +24,9 @@ use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
 use super::graph::swap_node;
 
+mod batched;
+pub use batched::BatchedMatMul;
+
 /// Which f32 operators to swap (`VITGPT2_F32_OPS=tract` keeps tract's own, for comparison).
 pub fn enabled_from_env() -> bool {
     std::env::var("VITGPT2_F32_OPS").as_deref() != Ok("tract")
@@ -31,9 +36,9 @@ pub fn enabled_from_env() -> bool {
 /// [`FewRowMatMul`] (a decoder step has 1; the encoder's attention has 197).
 const FEW_ROWS: usize = 16;
 
-/// Replaces tract's f32 softmax over the last axis by [`RowSoftmax`] and its f32 products of
-/// fewer than 16 rows by a non-constant matrix by [`FewRowMatMul`]. Run it between tract's
-/// `declutter` and `optimize`. Returns how many nodes it replaced.
+/// Replaces tract's f32 softmax over the last axis by [`RowSoftmax`] and its f32 products of two
+/// non-constant operands by [`FewRowMatMul`] (under 16 rows) or [`BatchedMatMul`]. Run it
+/// between tract's `declutter` and `optimize`. Returns how many nodes it replaced.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     let mut done = 0;
     for id in model.eval_order()? {
@@ -47,7 +52,11 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
                 && *sm.axes == [fact.rank() - 1])
                 .then(|| Box::new(RowSoftmax) as _)
         } else if let Some(einsum) = node.op_as::<EinSum>() {
-            FewRowMatMul::plan(model, node, einsum)?.map(|op| Box::new(op) as _)
+            match ProductAxes::plan(model, node, einsum)? {
+                Some((axes, rows)) if rows < FEW_ROWS => Some(Box::new(FewRowMatMul { axes }) as _),
+                Some((axes, _)) => Some(Box::new(BatchedMatMul { axes }) as _),
+                None => None,
+            }
         } else {
             None
         };
@@ -114,6 +123,12 @@ impl TypedOp for RowSoftmax {
 /// (size 1 on one side, as the cross-attention keys of one image against a beam's queries).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FewRowMatMul {
+    axes: ProductAxes,
+}
+
+/// Where a plain product's axes lie in its operands and output (from an `EinSum`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ProductAxes {
     /// Per output axis: its position in a and in b (`None` where absent; neither: a unit axis).
     out_axes: Vec<(Option<usize>, Option<usize>)>,
     /// The contracted axis in a and in b.
@@ -123,11 +138,11 @@ pub struct FewRowMatMul {
     n_out: usize,
 }
 
-impl FewRowMatMul {
-    /// The op for `node` if it is a plain f32 product (one contracted axis, at most one row axis,
-    /// one column axis, every other axis in all three) with a non-constant right operand and
-    /// fewer than [`FEW_ROWS`] rows known at load.
-    fn plan(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Option<Self>> {
+impl ProductAxes {
+    /// The axes of `node` and its rows known at load (symbols count as 1) if it is a plain f32
+    /// product (one contracted axis, at most one row axis, one column axis, every other axis in
+    /// all three) of two non-constant operands.
+    fn plan(model: &TypedModel, node: &TypedNode, op: &EinSum) -> TractResult<Option<(Self, usize)>> {
         let facts = model.node_input_facts(node.id)?;
         if op.q_params.is_some() || facts.len() != 2 || op.operating_dt != f32::datum_type() {
             return Ok(None);
@@ -188,10 +203,7 @@ impl FewRowMatMul {
             Some((a, _)) => sa[a].to_usize().unwrap_or(1),
             None => 1,
         };
-        if rows >= FEW_ROWS {
-            return Ok(None);
-        }
-        Ok(Some(FewRowMatMul { out_axes, k, m_out: m.map(|(_, o)| o), n_out }))
+        Ok(Some((ProductAxes { out_axes, k, m_out: m.map(|(_, o)| o), n_out }, rows)))
     }
 }
 
@@ -211,7 +223,26 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-impl FewRowMatMul {
+/// One call's sizes and strides (in elements) of a [`ProductAxes`] product.
+pub(crate) struct ProductLayout {
+    /// The output's shape, row-major.
+    shape: Vec<usize>,
+    /// Sizes of k, m (1 where absent) and n.
+    kd: usize,
+    md: usize,
+    nd: usize,
+    /// Strides along k in a and b, along m in a and out, along n in b and out.
+    ka: usize,
+    kb: usize,
+    ma: usize,
+    mo: usize,
+    nb: usize,
+    no: usize,
+    /// Batch axes: (size, stride in a or 0 when broadcast, same in b, stride in out).
+    batch: Vec<(usize, usize, usize, usize)>,
+}
+
+impl ProductAxes {
     fn out_shape(&self, a: &[usize], b: &[usize]) -> TractResult<Vec<usize>> {
         self.out_axes
             .iter()
@@ -220,36 +251,23 @@ impl FewRowMatMul {
                 (Some(1), Some(y)) => Ok(y),
                 (Some(x), None) | (None, Some(x)) => Ok(x),
                 (None, None) => Ok(1),
-                (x, y) => bail!("FewRowMatMul: axes of sizes {x:?} and {y:?} do not broadcast"),
+                (x, y) => bail!("matrix product: axes of sizes {x:?} and {y:?} do not broadcast"),
             })
             .collect()
     }
-}
 
-impl EvalOp for FewRowMatMul {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (a, b) = args_2!(inputs);
-        let (sa, sb) = (a.shape(), b.shape());
+    /// The layout of a call with operands of shapes `sa` and `sb`.
+    fn layout(&self, sa: &[usize], sb: &[usize]) -> TractResult<ProductLayout> {
         let kd = sa[self.k.0];
-        ensure!(sb[self.k.1] == kd, "FewRowMatMul: contracted sizes {} and {}", kd, sb[self.k.1]);
+        ensure!(sb[self.k.1] == kd, "matrix product: contracted sizes {} and {}", kd, sb[self.k.1]);
         let shape = self.out_shape(sa, sb)?;
         let (st_a, st_b, st_o) = (strides(sa), strides(sb), strides(&shape));
-        let (a, b) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
-        let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
-        let mut out = vec![0f32; shape.iter().product()];
-        // Strides along k in a and b, along n in b and out, along m in a and out.
-        let (ka, kb) = (st_a[self.k.0], st_b[self.k.1]);
-        let nd = shape[self.n_out];
         let n_b = self.out_axes[self.n_out].1.context("n axis")?;
-        let (nb, no) = (st_b[n_b], st_o[self.n_out]);
         let (md, ma, mo) = match self.m_out {
             Some(o) => (shape[o], st_a[self.out_axes[o].0.context("m axis")?], st_o[o]),
             None => (1, 0, 0),
         };
-        // Batch axes: (size, stride in a or 0 when broadcast, same in b, stride in out).
-        let batch: Vec<(usize, usize, usize, usize)> = (0..shape.len())
+        let batch = (0..shape.len())
             .filter(|&o| o != self.n_out && Some(o) != self.m_out)
             .map(|o| {
                 let (ia, ib) = self.out_axes[o];
@@ -258,59 +276,21 @@ impl EvalOp for FewRowMatMul {
                 (shape[o], sa_, sb_, st_o[o])
             })
             .collect();
-        let count: usize = batch.iter().map(|b| b.0).product();
-        for flat in 0..count {
-            let (mut oa, mut ob, mut oo, mut rest) = (0, 0, 0, flat);
-            for &(size, s_a, s_b, s_o) in batch.iter().rev() {
-                let i = rest % size;
-                rest /= size;
-                oa += i * s_a;
-                ob += i * s_b;
-                oo += i * s_o;
-            }
-            for mi in 0..md {
-                let (oa, oo) = (oa + mi * ma, oo + mi * mo);
-                if kb == 1 && ka == 1 {
-                    // q·kᵀ: each output a dot product of two contiguous rows.
-                    let q = &a[oa..oa + kd];
-                    for ni in 0..nd {
-                        let off = ob + ni * nb;
-                        out[oo + ni * no] = dot(q, &b[off..off + kd]);
-                    }
-                } else if nb == 1 && no == 1 {
-                    // p·v: the output row a sum of contiguous rows of b.
-                    let row = &mut out[oo..oo + nd];
-                    for ki in 0..kd {
-                        let w = a[oa + ki * ka];
-                        let off = ob + ki * kb;
-                        row.iter_mut().zip(&b[off..off + nd]).for_each(|(o, &v)| *o += w * v);
-                    }
-                } else {
-                    for ni in 0..nd {
-                        out[oo + ni * no] = (0..kd).map(|ki| a[oa + ki * ka] * b[ob + ni * nb + ki * kb]).sum();
-                    }
-                }
-            }
-        }
-        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(shape, out)?.into_tensor().into_tvalue()])
+        Ok(ProductLayout {
+            kd,
+            md,
+            nd: shape[self.n_out],
+            ka: st_a[self.k.0],
+            kb: st_b[self.k.1],
+            ma,
+            mo,
+            nb: st_b[n_b],
+            no: st_o[self.n_out],
+            batch,
+            shape,
+        })
     }
-}
 
-/// `Σ x·y` in 8 partial sums (so the compiler vectorizes it; the order differs from a serial
-/// sum by f32 rounding only).
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
-    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
-    for (xs, ys) in xc.zip(yc) {
-        for i in 0..8 {
-            acc[i] += xs[i] * ys[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-impl TypedOp for FewRowMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let (a, b) = (inputs[0], inputs[1]);
         let shape: TVec<TDim> = self
@@ -331,6 +311,87 @@ impl TypedOp for FewRowMatMul {
         let out = self.output_facts(inputs)?;
         let k = inputs[0].shape[self.k.0].clone();
         Ok(tvec![(Cost::FMA(f32::datum_type()), out[0].shape.volume() * k)])
+    }
+}
+
+impl ProductLayout {
+    /// The batches' offsets in a, b and out, in the output's order.
+    fn batches(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let count: usize = self.batch.iter().map(|b| b.0).product();
+        (0..count).map(move |flat| {
+            let (mut oa, mut ob, mut oo, mut rest) = (0, 0, 0, flat);
+            for &(size, s_a, s_b, s_o) in self.batch.iter().rev() {
+                let i = rest % size;
+                rest /= size;
+                oa += i * s_a;
+                ob += i * s_b;
+                oo += i * s_o;
+            }
+            (oa, ob, oo)
+        })
+    }
+}
+
+impl EvalOp for FewRowMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (a, b) = args_2!(inputs);
+        let l = self.axes.layout(a.shape(), b.shape())?;
+        let (a, b) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
+        let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
+        let mut out = vec![0f32; l.shape.iter().product()];
+        let (kd, nd) = (l.kd, l.nd);
+        for (oa, ob, oo) in l.batches() {
+            for mi in 0..l.md {
+                let (oa, oo) = (oa + mi * l.ma, oo + mi * l.mo);
+                if l.kb == 1 && l.ka == 1 {
+                    // q·kᵀ: each output a dot product of two contiguous rows.
+                    let q = &a[oa..oa + kd];
+                    for ni in 0..nd {
+                        let off = ob + ni * l.nb;
+                        out[oo + ni * l.no] = dot(q, &b[off..off + kd]);
+                    }
+                } else if l.nb == 1 && l.no == 1 {
+                    // p·v: the output row a sum of contiguous rows of b.
+                    let row = &mut out[oo..oo + nd];
+                    for ki in 0..kd {
+                        let w = a[oa + ki * l.ka];
+                        let off = ob + ki * l.kb;
+                        row.iter_mut().zip(&b[off..off + nd]).for_each(|(o, &v)| *o += w * v);
+                    }
+                } else {
+                    for ni in 0..nd {
+                        out[oo + ni * l.no] = (0..kd).map(|ki| a[oa + ki * l.ka] * b[ob + ni * l.nb + ki * l.kb]).sum();
+                    }
+                }
+            }
+        }
+        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(l.shape, out)?.into_tensor().into_tvalue()])
+    }
+}
+
+/// `Σ x·y` in 8 partial sums (so the compiler vectorizes it; the order differs from a serial
+/// sum by f32 rounding only).
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (xs, ys) in xc.zip(yc) {
+        for i in 0..8 {
+            acc[i] += xs[i] * ys[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl TypedOp for FewRowMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        self.axes.output_facts(inputs)
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        self.axes.cost(inputs)
     }
 
     as_op!();

@@ -109,7 +109,7 @@ pub fn thread_pool(n: usize) -> Option<Arc<rayon::ThreadPool>> {
 /// of fewer than [`PARALLEL_MIN_ROWS`] rows (decoder steps) stay on one thread, where handing
 /// each of a token's ~100 small products to the pool cost more than it saved (measured: 2
 /// threads made a token 10 % slower).
-pub(super) fn with_threads<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
+pub(crate) fn with_threads<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
     let n = if rows < PARALLEL_MIN_ROWS { 1 } else { THREADS.load(Ordering::Relaxed) };
     if rayon::current_num_threads() == n {
         return f();

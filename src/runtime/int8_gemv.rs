@@ -29,6 +29,7 @@
 use std::arch::x86_64::*;
 
 use super::helper_thread;
+use super::weight_memory::WeightBuf;
 
 mod tiles;
 
@@ -80,7 +81,7 @@ pub fn kernel_name() -> &'static str {
 /// A constant i8 matrix `b [K, N]` in the layout above, with its column sums (for the left
 /// operand's zero point: `Σ_k (a − a0)·b = Σ_k a·b − a0·Σ_k b`).
 pub struct GemvWeights {
-    w: Vec<i8>,
+    w: WeightBuf,
     k: usize,
     kg: usize,
     n: usize,
@@ -98,7 +99,7 @@ impl GemvWeights {
     /// Panics if `b` is shorter than the strides say (callers pass tract's own tensor).
     pub fn new(k: usize, n: usize, b: &[i8], stride_k: usize, stride_n: usize) -> Self {
         let kg = k.div_ceil(4);
-        let mut w = vec![0i8; n.div_ceil(GROUP) * kg * 4 * GROUP];
+        let mut w = WeightBuf::zeroed(n.div_ceil(GROUP) * kg * 4 * GROUP);
         let mut col_sums = vec![0i32; n];
         let groups = n.div_ceil(GROUP);
         // Each 256-byte step holds 4 k-values of 64 columns. The loops follow the source's
@@ -467,7 +468,7 @@ mod tests {
             let strided = GemvWeights::new(k, n, &spread, 2 * n, 2);
             let sums: Vec<i32> = (0..n).map(|c| (0..k).map(|r| b[r * n + c] as i32).sum()).collect();
             for (what, other) in [("column-major", &col_major), ("strided", &strided)] {
-                assert!(other.w == row_major.w, "{what} layout differs, k={k} n={n}");
+                assert!(*other.w == *row_major.w, "{what} layout differs, k={k} n={n}");
             }
             for (what, wts) in [("row-major", &row_major), ("column-major", &col_major), ("strided", &strided)] {
                 assert_eq!(wts.col_sums, sums, "{what} column sums, k={k} n={n}");

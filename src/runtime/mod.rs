@@ -13,6 +13,7 @@ pub mod onnx_file;
 pub mod optimum;
 pub mod quantize;
 pub mod raw_data;
+pub mod weight_memory;
 
 use std::path::Path;
 use std::time::Instant;
@@ -131,13 +132,16 @@ pub fn manage_load_heap() {
     LOAD_HEAP.store(!preset, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// glibc's malloc while graphs load: every block of 1 MiB or more its own memory map, handed
+/// glibc's malloc while graphs load: every block of 256 KiB or more its own memory map, handed
 /// back to the kernel when freed. By default glibc raises that threshold to the largest mapped
 /// block freed so far (up to 32 MiB), then keeps later blocks in its heaps — one per thread —
 /// until trimmed: two graphs loading on two threads (`fast::parallel_load`) then peaked at
 /// 344–372 MiB against 322–327 with the same 1 MiB threshold set through `GLIBC_TUNABLES`
 /// (full-size int8 bundle, `bench` peak RSS, four interleaved pairs; 326–331 MiB in four runs
-/// with this guard). Afterwards 32 MiB, trim at 64 MiB: at or above anything glibc's own
+/// with this guard). 256 KiB rather than 1 MiB since the laid-out int8 weights left the heap
+/// (`weight_memory`): a 768 × 768 matrix's tract copy (576 KiB) freed on the heap was no longer
+/// reused by the next laid-out matrix, and the load peaked at 345–358 MiB; at 256 KiB, 318–324
+/// (three interleaved pairs, no change in load time). Afterwards 32 MiB, trim at 64 MiB: at or above anything glibc's own
 /// adjustment reaches, so a caption's buffers stay on the heap from one caption to the next
 /// instead of being mapped and faulted in afresh (all mapped, the encoder ran 1.6× slower; 4 and
 /// 8 MiB still added ~50–100 k page faults to a `bench` run; with these, as many as before).
@@ -152,7 +156,7 @@ impl LoadHeap {
         if on {
             // Safety: mallopt only sets malloc's parameters; it takes no pointers.
             unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
             }
         }
         LoadHeap { on }
