@@ -24,6 +24,7 @@
 //! equality with tract's own `MatMulInteger` on random shapes, odd edge sizes and every
 //! operand type and zero-point form.
 
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -318,8 +319,7 @@ impl EvalOp for Int8MatMul {
         ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
         let s = s.try_as_plain_ram()?;
         let s = s.as_slice::<f32>()?;
-        let mut y = vec![0f32; m * self.n];
-        dequantize_rows(out_data, s, ws, &mut y);
+        let y = written_f32(m * self.n, |y| dequantize_rows(out_data, s, ws, y));
         Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(&*out_shape, y)?.into_tvalue()])
     }
 }
@@ -350,18 +350,34 @@ impl Int8MatMul {
         ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
         let s = s.try_as_plain_ram()?;
         let s = s.as_slice::<f32>()?;
-        let mut y = vec![0f32; m * n];
-        with_threads(m, || w.gemm_tiles_map(m, a0, row, &mut y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y)));
+        // `gemm_tiles_map` hands every row of `y` to one `finish`, which writes all of it.
+        let y = written_f32(m * n, |y| with_threads(m, || w.gemm_tiles_map(m, a0, row, y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y))));
         Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
     }
 }
 
+/// `len` f32s written by `fill`, which must write every one: the outputs are not zeroed first
+/// (zeroing the encoder's, 80 MB per image, took ~8 ms on the calling thread alone).
+fn written_f32(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut y: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
+    // Safety: MaybeUninit needs no initialization.
+    unsafe { y.set_len(len) };
+    fill(&mut y);
+    let mut y = std::mem::ManuallyDrop::new(y);
+    // Safety: same allocation, length and capacity; `fill` wrote every element (its contract;
+    // the callers' fills write every row they are handed, and they are handed all).
+    unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast(), y.len(), y.capacity()) }
+}
+
 /// `y[r, c] = (acc[r, c] as f32 · s[r]) · ws[c]` for `acc, y: [rows, N]`, `ws: [N]`: the graph's
 /// order and roundings (Cast to f32, × the row's scale, × the column's; [`fuse_dequantize`]).
-fn dequantize_rows(acc: &[i32], s: &[f32], ws: &[f32], y: &mut [f32]) {
+/// Writes every element of `y`.
+fn dequantize_rows(acc: &[i32], s: &[f32], ws: &[f32], y: &mut [MaybeUninit<f32>]) {
     let n = ws.len();
     for ((y_row, acc_row), &sr) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)).zip(s) {
-        y_row.iter_mut().zip(acc_row).zip(ws).for_each(|((y, &acc), &w)| *y = (acc as f32 * sr) * w);
+        y_row.iter_mut().zip(acc_row).zip(ws).for_each(|((y, &acc), &w)| {
+            y.write((acc as f32 * sr) * w);
+        });
     }
 }
 
