@@ -93,8 +93,12 @@ fn run_case(c: &Case, seed: u64) -> (usize, Vec<f32>, Vec<f32>, Vec<f64>) {
     (swapped, ours, tract, naive)
 }
 
+/// The tests that run graphs take turns: one of them sets the process's thread count.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn attention_on_the_swapped_ops_matches_tract_and_the_definition() {
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let cases = [
         // A decoder step's cross-attention: 1 query row, 197 keys, keys of one image for a beam of 4.
         Case { b: 4, bk: 1, h: 3, m: 1, n: 197, d: 64, sym: false, heads_last: false },
@@ -131,7 +135,10 @@ fn attention_on_the_swapped_ops_matches_tract_and_the_definition() {
 
 #[test]
 fn many_rows_give_the_same_bits_on_two_threads() {
-    // ViT-B/16's attention: the heads split across threads, each head's sums in the same order.
+    // ViT-B/16's attention. With 2 threads the heads go through rayon's pool (and rten-gemm may
+    // split a head's columns), with 1 one after the other: a product's sums must not depend on
+    // which, or on how the work was scheduled.
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let c = Case { b: 1, bk: 1, h: 12, m: 197, n: 197, d: 64, sym: false, heads_last: true };
     vitgpt2::runtime::set_threads(1);
     let (swapped, one, _, _) = run_case(&c, 7);

@@ -291,6 +291,14 @@ impl ProductAxes {
         })
     }
 
+    /// `f(layout, a, b)` on the two f32 inputs of a call, as plain slices.
+    fn with_operands<R>(&self, inputs: TVec<TValue>, f: impl FnOnce(ProductLayout, &[f32], &[f32]) -> TractResult<R>) -> TractResult<R> {
+        let (a, b) = args_2!(inputs);
+        let l = self.layout(a.shape(), b.shape())?;
+        let (a, b) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
+        f(l, a.as_slice::<f32>()?, b.as_slice::<f32>()?)
+    }
+
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let (a, b) = (inputs[0], inputs[1]);
         let shape: TVec<TDim> = self
@@ -336,10 +344,12 @@ impl EvalOp for FewRowMatMul {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (a, b) = args_2!(inputs);
-        let l = self.axes.layout(a.shape(), b.shape())?;
-        let (a, b) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
-        let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
+        self.axes.with_operands(inputs, |l, a, b| self.products(l, a, b))
+    }
+}
+
+impl FewRowMatMul {
+    fn products(&self, l: ProductLayout, a: &[f32], b: &[f32]) -> TractResult<TVec<TValue>> {
         let mut out = vec![0f32; l.shape.iter().product()];
         let (kd, nd) = (l.kd, l.nd);
         for (oa, ob, oo) in l.batches() {

@@ -13,7 +13,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::{ProductAxes, ProductLayout};
-use crate::runtime::int8::with_threads;
+use crate::runtime::int8::{with_threads, written_f32};
 
 /// `out[batch.., m, n] = Σ_k a[batch.., m, k] · b[batch.., k, n]` for f32 operands whose axes
 /// are given by an `EinSum` (any order, batch axes broadcast), on rten-gemm, the batch indices
@@ -44,34 +44,47 @@ impl EvalOp for BatchedMatMul {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (a, b) = args_2!(inputs);
-        let l = self.axes.layout(a.shape(), b.shape())?;
-        let (a, b) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
-        let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
-        let batches: Vec<(usize, usize, usize)> = l.batches().collect();
-        let each = l.md * l.nd;
-        let mut out = vec![0f32; batches.len() * each];
-        if each > 0 && l.kd > 0 {
-            products(&l, a, b, &batches, &mut out)?;
-        }
-        // rten-gemm writes each batch's [m, n] whole; the output may order its axes otherwise
-        // (`p·v` gives [1, 197, heads, 64]).
-        let in_order = l.no == 1 && (l.md == 1 || l.mo == l.nd) && batches.iter().enumerate().all(|(i, &(_, _, oo))| oo == i * each);
-        let out = if in_order {
-            out
-        } else {
-            let mut placed = vec![0f32; out.len()];
-            for (chunk, &(_, _, oo)) in out.chunks_exact(each.max(1)).zip(&batches) {
-                for (mi, row) in chunk.chunks_exact(l.nd).enumerate() {
-                    for (ni, &v) in row.iter().enumerate() {
-                        placed[oo + mi * l.mo + ni * l.no] = v;
-                    }
+        self.axes.with_operands(inputs, eval_on)
+    }
+}
+
+/// The product of `a` and `b` laid out as `l` says.
+fn eval_on(l: ProductLayout, a: &[f32], b: &[f32]) -> TractResult<TVec<TValue>> {
+    let batches: Vec<(usize, usize, usize)> = l.batches().collect();
+    let each = l.md * l.nd;
+    let out = if each > 0 && l.kd > 0 {
+        let mut done = Ok(());
+        // Safety: `products` has rten-gemm write every batch's whole [m, n]; on an error, zeros.
+        let out = unsafe {
+            written_f32(batches.len() * each, |out| {
+                done = products(&l, a, b, &batches, out);
+                if done.is_err() {
+                    out.fill(MaybeUninit::new(0.0));
+                }
+            })
+        };
+        done?;
+        out
+    } else {
+        vec![0f32; batches.len() * each]
+    };
+    // rten-gemm writes each batch's [m, n] whole; the output may order its axes otherwise
+    // (`p·v` gives [1, 197, heads, 64]).
+    let in_order = l.no == 1 && (l.md == 1 || l.mo == l.nd) && batches.iter().enumerate().all(|(i, &(_, _, oo))| oo == i * each);
+    let out = if in_order {
+        out
+    } else {
+        let mut placed = vec![0f32; out.len()];
+        for (chunk, &(_, _, oo)) in out.chunks_exact(each.max(1)).zip(&batches) {
+            for (mi, row) in chunk.chunks_exact(l.nd).enumerate() {
+                for (ni, &v) in row.iter().enumerate() {
+                    placed[oo + mi * l.mo + ni * l.no] = v;
                 }
             }
-            placed
-        };
-        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(l.shape, out)?.into_tensor().into_tvalue()])
-    }
+        }
+        placed
+    };
+    Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(l.shape, out)?.into_tensor().into_tvalue()])
 }
 
 /// `data[off..]` as an `[m, n]` matrix with these strides.
@@ -81,17 +94,15 @@ fn view(data: &[f32], off: usize, shape: [usize; 2], strides: [usize; 2]) -> Tra
 
 /// Each batch's `[m, n]` product into its `m·n` slice of `out`, the batches on the pool of
 /// `runtime::set_threads`'s size (on the calling thread for one).
-fn products(l: &ProductLayout, a: &[f32], b: &[f32], batches: &[(usize, usize, usize)], out: &mut [f32]) -> TractResult<()> {
+fn products(l: &ProductLayout, a: &[f32], b: &[f32], batches: &[(usize, usize, usize)], out: &mut [MaybeUninit<f32>]) -> TractResult<()> {
     let lhs = batches.iter().map(|&(oa, _, _)| view(a, oa, [l.md, l.kd], [l.ma, l.ka]).map(GemmInputA::Unpacked)).collect::<TractResult<Vec<_>>>()?;
     let rhs = batches.iter().map(|&(_, ob, _)| view(b, ob, [l.kd, l.nd], [l.kb, l.nb]).map(GemmInputB::Unpacked)).collect::<TractResult<Vec<_>>>()?;
-    // Safety: f32 and MaybeUninit<f32> have the same layout, and rten-gemm only writes to it.
-    let out: &mut [MaybeUninit<f32>] = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), out.len()) };
     let gemm = executor();
     with_threads(l.md, || {
         if rayon::current_num_threads() > 1 {
             gemm.batched_gemm_uninit(out, &lhs, &rhs, GemmUninitOptions::default()).map(|_| ())
         } else {
-            // Not through rayon: a one-thread pool would run the heads on another core.
+            // One after the other here: rayon's pool (batched_gemm_uninit) is for more threads.
             let each = l.md * l.nd;
             lhs.iter().zip(&rhs).zip(out.chunks_exact_mut(each)).try_for_each(|((x, y), o)| gemm.gemm_uninit(o, *x, *y, GemmUninitOptions::default()).map(|_| ()))
         }
