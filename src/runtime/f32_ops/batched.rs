@@ -70,7 +70,7 @@ fn eval_on(l: ProductLayout, a: &[f32], b: &[f32]) -> TractResult<TVec<TValue>> 
     };
     // rten-gemm writes each batch's [m, n] whole; the output may order its axes otherwise
     // (`p·v` gives [1, 197, heads, 64]).
-    let in_order = l.no == 1 && (l.md == 1 || l.mo == l.nd) && batches.iter().enumerate().all(|(i, &(_, _, oo))| oo == i * each);
+    let in_order = l.no == 1 && l.mo == l.nd && batches.iter().enumerate().all(|(i, &(_, _, oo))| oo == i * each);
     let out = if in_order {
         out
     } else {
