@@ -612,7 +612,10 @@ fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum, ours: bool) -> Tr
     let weights = if ours && known_rows < PARALLEL_MIN_ROWS && int8_gemv::available() {
         Weights::Gemv(Arc::new(GemvWeights::new(kd, nd, &b_i8, strides[kb], strides[nb])))
     } else if ours && tiles_available() {
-        Weights::Tiles(Arc::new(GemvWeights::new(kd, nd, &b_i8, strides[kb], strides[nb])))
+        let w = GemvWeights::new(kd, nd, &b_i8, strides[kb], strides[nb]);
+        // In 16-column panels (the encoder's products 4–6 % faster stand-alone, README
+        // "Performance"); `VITGPT2_TILE_PANELS=0` keeps the group layout, to compare.
+        Weights::Tiles(Arc::new(if std::env::var("VITGPT2_TILE_PANELS").as_deref() == Ok("0") { w } else { w.into_panels() }))
     } else {
         let b_view: Matrix<i8> = NdTensorView::from_data_with_strides([kd, nd], &b_i8[..], [strides[kb], strides[nb]])
             .map_err(|e| format_err!("Int8MatMul: right operand layout: {e:?}"))?;

@@ -17,9 +17,10 @@
 //! ([`group_kernel_avx2`], [`GemvWeights::narrow`]). Results are exact (wrapping i32, like the
 //! definition).
 //!
-//! The same layout serves products of many rows (an encoder's 197) on AVX2 CPUs without VNNI,
-//! where rten-gemm's kernel saturates and needs two passes: [`GemvWeights::gemm_tiles`] runs
-//! them in one exact pass in register tiles (`tiles`: i16 for any weights, ~65 GMAC/s on an AMD
+//! The same layout, or for an encoder's matrices its 16-column panels
+//! ([`GemvWeights::into_panels`]), serves products of many rows (an encoder's 197) on AVX2 CPUs
+//! without VNNI, where rten-gemm's kernel saturates and needs two passes:
+//! [`GemvWeights::gemm_tiles`] runs them in one exact pass in register tiles (`tiles`: i16 for any weights, ~65 GMAC/s on an AMD
 //! EPYC, Zen 3, against the split's ~42; u8 × narrow weights, ~87).
 
 // The kernels are x86-64 only; elsewhere `available()` is false and nothing here runs.
@@ -90,6 +91,9 @@ pub struct GemvWeights {
     /// |b₁| + |b₂| ≤ 128, so u8 × these pairs lie within i16 (255·128 = 32,640): AVX2 then
     /// multiplies whole u8 rows in one pass (7-bit weights, e.g. `--reduce-range`, always do).
     narrow: bool,
+    /// Laid out for the tiles only, in 16-column panels ([`into_panels`](Self::into_panels));
+    /// [`gemm`](Self::gemm) and [`gemm_on_two`](Self::gemm_on_two) then run the tiles too.
+    panels: bool,
 }
 
 impl GemvWeights {
@@ -149,7 +153,28 @@ impl GemvWeights {
         }
         // In blocks, each folded without an early exit so that it vectorizes (222 M weights).
         let narrow = w.chunks(1 << 12).all(|block| block.chunks_exact(2).fold(true, |ok, p| ok & (p[0].unsigned_abs() as u16 + p[1].unsigned_abs() as u16 <= 128)));
-        GemvWeights { w, k, kg, n, col_sums, narrow }
+        GemvWeights { w, k, kg, n, col_sums, narrow, panels: false }
+    }
+
+    /// The same weights for products of many rows only (an encoder's): each group's four
+    /// 16-column parts one after the other, `w[((4j + e)·KG + g)·64 + c·4 + t] = b[4g + t, 64j +
+    /// 16e + c]`, so that a tile pass over 16 columns reads ⌈K/4⌉ contiguous 64-byte steps. In the
+    /// group layout those steps lie 256 bytes apart, which puts a 768-deep pass (192 lines) in a
+    /// quarter of a 32 KiB, 64-set L1's sets, 128 lines' room: the pass fell out of L1 between
+    /// tiles of rows.
+    pub fn into_panels(mut self) -> Self {
+        let group_bytes = self.kg * 4 * GROUP;
+        let mut scratch = vec![0i8; group_bytes];
+        for group in self.w.chunks_exact_mut(group_bytes) {
+            scratch.copy_from_slice(group);
+            for (g, step) in scratch.chunks_exact(4 * GROUP).enumerate() {
+                for (e, part) in step.chunks_exact(64).enumerate() {
+                    group[(e * self.kg + g) * 64..][..64].copy_from_slice(part);
+                }
+            }
+        }
+        self.panels = true;
+        self
     }
 
     /// Whether AVX2 multiplies this matrix in one `vpmaddubsw` pass (see the field's text).
@@ -166,7 +191,7 @@ impl GemvWeights {
         assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm: operand sizes");
         let isa = isa();
         assert!(isa.is_some(), "GemvWeights::gemm on a CPU without AVX-512 VNNI or AVX2");
-        if isa == Some(Isa::Avx2) && m >= 3 {
+        if self.panels || (isa == Some(Isa::Avx2) && m >= 3) {
             // Beam search's 4 rows: the split kernel's 2-row passes are bound by arithmetic
             // there (4 multiplies per 32 products); the i16 tiles take half (a beam-4 token's LM
             // head 4.8 → 3.6 ms, measured on an AMD EPYC, Zen 3).
@@ -185,7 +210,7 @@ impl GemvWeights {
         assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm_on_two: operand sizes");
         let isa = isa();
         assert!(isa.is_some(), "GemvWeights::gemm_on_two on a CPU without AVX-512 VNNI or AVX2");
-        if isa == Some(Isa::Avx2) && m >= 3 {
+        if self.panels || (isa == Some(Isa::Avx2) && m >= 3) {
             return self.tiles_on_two(a, m, a0, out);
         }
         let groups = self.n.div_ceil(GROUP);
@@ -431,11 +456,17 @@ mod tests {
                 let mut tiles = vec![0; m * n];
                 wts.gemm(&a, m, a0, &mut out);
                 wts.gemm_tiles(&a, m, a0, &mut tiles);
+                let panels = GemvWeights::new(k, n, &b, n, 1).into_panels();
+                let (mut in_panels, mut panels_gemm) = (vec![0; m * n], vec![0; m * n]);
+                panels.gemm_tiles(&a, m, a0, &mut in_panels);
+                panels.gemm(&a, m, a0, &mut panels_gemm);
                 for i in 0..m {
                     for j in 0..n {
                         let want: i32 = (0..k).map(|l| (a[i * k + l] as i32 - a0 as i32) * b[l * n + j] as i32).sum();
                         assert_eq!(out[i * n + j], want, "m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
                         assert_eq!(tiles[i * n + j], want, "tiles: m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
+                        assert_eq!(in_panels[i * n + j], want, "panels: m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
+                        assert_eq!(panels_gemm[i * n + j], want, "panels, gemm: m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
                     }
                 }
             }

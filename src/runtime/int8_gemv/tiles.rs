@@ -1,6 +1,7 @@
 //! Products of many rows (an encoder's 197, beam search's 4 on AVX2) on AVX2 without VNNI,
 //! where rten-gemm's kernel saturates and needs two passes: one exact pass in register tiles
-//! over [`GemvWeights`]' layout, on one of two kernels chosen per matrix at load.
+//! over [`GemvWeights`]' layout (its groups, or for an encoder's matrices its 16-column panels),
+//! on one of two kernels chosen per matrix at load.
 //!
 //! - **Narrow weights** ([`GemvWeights::narrow`]: every pair of k-values a `vpmaddubsw` sums has
 //!   |b₁| + |b₂| ≤ 128, as 7-bit weights in [−64, 64] always do — onnxruntime's
@@ -137,9 +138,11 @@ impl GemvWeights {
             for j in groups.clone() {
                 let cols = GROUP.min(self.n - j * GROUP);
                 for e in 0..cols.div_ceil(width_of_pass) {
-                    // The pass's columns' 4 k-values: 4·COLUMNS bytes of each 256-byte step.
-                    let bytes = 4 * width_of_pass;
-                    let w = &self.w[(j * self.kg + g0) * 4 * GROUP + bytes * e..][..(steps - 1) * 4 * GROUP + bytes];
+                    // The pass's columns' 4 k-values: 4·COLUMNS bytes of each step, 256 bytes
+                    // (a group's) or 64 (a panel's) apart.
+                    let (bytes, c0) = (4 * width_of_pass, j * GROUP + width_of_pass * e);
+                    let (first, step) = if self.panels { ((c0 / 16 * self.kg + g0) * 64 + c0 % 16 * 4, 64) } else { ((j * self.kg + g0) * 4 * GROUP + c0 % GROUP * 4, 4 * GROUP) };
+                    let w = &self.w[first..][..(steps - 1) * step + bytes];
                     // The next group's block, a line per step spread over this group's passes
                     // (alone, the first pass would wait on memory and the others on arithmetic;
                     // beam 4's LM head 4.8 → 3.6 ms, measured). Only for one tile of rows: with
@@ -152,13 +155,12 @@ impl GemvWeights {
                         // A whole tile's worth of row slices, those past its last row repeating it:
                         // the kernel for `n_rows` reads only the first `n_rows`.
                         let row = |r: usize| &packed[(r0 + r.min(n_rows - 1)) * kp + 4 * g0..][..4 * steps];
-                        let c0 = j * GROUP + width_of_pass * e;
                         let (o, width) = (&mut out[r0 * stride + c0 - col0..], width_of_pass.min(self.n - c0));
                         let tile_rows: [&[E]; TILE_ROWS] = std::array::from_fn(row);
                         // Safety: isa() was checked by the caller; the slices have the lengths read.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
-                            E::tile(n_rows, w, tile_rows, o, stride, width, &next)
+                            E::tile(n_rows, w, step, tile_rows, o, stride, width, &next)
                         }
                     }
                 }
@@ -191,18 +193,18 @@ trait TileElement: Copy + Sized {
     /// `next.lines` > 0 (a separate instance: a test in the loop slowed the many-row kernel by
     /// a quarter).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tile(n_rows: usize, w: &[i8], rows: [&[Self]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch);
+    unsafe fn tile(n_rows: usize, w: &[i8], step: usize, rows: [&[Self]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch);
 }
 
 /// Calls `$kernel::<R, PF>` for `R` = `$n` (1..=6) rows of `$r`, `PF` = whether `$next` has
 /// lines to prefetch.
 #[cfg(target_arch = "x86_64")]
 macro_rules! tile_call {
-    ($kernel:ident, $n:expr, $w:expr, $r:expr, $out:expr, $stride:expr, $width:expr, $next:expr) => {
+    ($kernel:ident, $n:expr, $w:expr, $step:expr, $r:expr, $out:expr, $stride:expr, $width:expr, $next:expr) => {
         if $next.lines > 0 {
-            by_rows!($kernel, true, $n, $w, $r, $out, $stride, $width, $next)
+            by_rows!($kernel, true, $n, $w, $step, $r, $out, $stride, $width, $next)
         } else {
-            by_rows!($kernel, false, $n, $w, $r, $out, $stride, $width, $next)
+            by_rows!($kernel, false, $n, $w, $step, $r, $out, $stride, $width, $next)
         }
     };
 }
@@ -210,14 +212,14 @@ macro_rules! tile_call {
 /// [`tile_call`]'s dispatch for one `PF`.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_rows {
-    ($kernel:ident, $pf:literal, $n:expr, $w:expr, $r:expr, $out:expr, $stride:expr, $width:expr, $next:expr) => {
+    ($kernel:ident, $pf:literal, $n:expr, $w:expr, $step:expr, $r:expr, $out:expr, $stride:expr, $width:expr, $next:expr) => {
         match $n {
-            1 => $kernel::<1, $pf>($w, [$r[0]], $out, $stride, $width, $next),
-            2 => $kernel::<2, $pf>($w, [$r[0], $r[1]], $out, $stride, $width, $next),
-            3 => $kernel::<3, $pf>($w, [$r[0], $r[1], $r[2]], $out, $stride, $width, $next),
-            4 => $kernel::<4, $pf>($w, [$r[0], $r[1], $r[2], $r[3]], $out, $stride, $width, $next),
-            5 => $kernel::<5, $pf>($w, [$r[0], $r[1], $r[2], $r[3], $r[4]], $out, $stride, $width, $next),
-            _ => $kernel::<6, $pf>($w, $r, $out, $stride, $width, $next),
+            1 => $kernel::<1, $pf>($w, $step, [$r[0]], $out, $stride, $width, $next),
+            2 => $kernel::<2, $pf>($w, $step, [$r[0], $r[1]], $out, $stride, $width, $next),
+            3 => $kernel::<3, $pf>($w, $step, [$r[0], $r[1], $r[2]], $out, $stride, $width, $next),
+            4 => $kernel::<4, $pf>($w, $step, [$r[0], $r[1], $r[2], $r[3]], $out, $stride, $width, $next),
+            5 => $kernel::<5, $pf>($w, $step, [$r[0], $r[1], $r[2], $r[3], $r[4]], $out, $stride, $width, $next),
+            _ => $kernel::<6, $pf>($w, $step, $r, $out, $stride, $width, $next),
         }
     };
 }
@@ -225,16 +227,16 @@ macro_rules! by_rows {
 impl TileElement for i16 {
     const COLUMNS: usize = 8;
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tile(n_rows: usize, w: &[i8], rows: [&[i16]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
-        tile_call!(tile_kernel_i16, n_rows, w, rows, out, stride, width, next)
+    unsafe fn tile(n_rows: usize, w: &[i8], step: usize, rows: [&[i16]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
+        tile_call!(tile_kernel_i16, n_rows, w, step, rows, out, stride, width, next)
     }
 }
 
 impl TileElement for u8 {
     const COLUMNS: usize = 16;
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tile(n_rows: usize, w: &[i8], rows: [&[u8]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
-        tile_call!(tile_kernel_u8, n_rows, w, rows, out, stride, width, next)
+    unsafe fn tile(n_rows: usize, w: &[i8], step: usize, rows: [&[u8]; TILE_ROWS], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
+        tile_call!(tile_kernel_u8, n_rows, w, step, rows, out, stride, width, next)
     }
 }
 
@@ -255,13 +257,13 @@ unsafe fn prefetch_step(next: &Prefetch, g: usize) {
 /// added pairwise at the end (`vphaddd`, then the 64-bit lanes put back in column order).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_kernel_i16<const R: usize, const PF: bool>(w: &[i8], rows: [&[i16]; R], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
+unsafe fn tile_kernel_i16<const R: usize, const PF: bool>(w: &[i8], step: usize, rows: [&[i16]; R], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
     let steps = rows[0].len() / 4;
-    assert!(w.len() == (steps - 1) * 4 * GROUP + 32 && rows.iter().all(|r| r.len() == 4 * steps) && width <= 8 && out.len() >= (R - 1) * stride + width);
+    assert!(w.len() == (steps - 1) * step + 32 && rows.iter().all(|r| r.len() == 4 * steps) && width <= 8 && out.len() >= (R - 1) * stride + width);
     let mut acc = [[_mm256_setzero_si256(); 2]; R];
     let p = w.as_ptr();
     for g in 0..steps {
-        let wp = p.add(g * 4 * GROUP);
+        let wp = p.add(g * step);
         if PF {
             prefetch_step(next, g);
         }
@@ -287,14 +289,14 @@ unsafe fn tile_kernel_i16<const R: usize, const PF: bool>(w: &[i8], rows: [&[i16
 /// the 8 columns' sums in order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_kernel_u8<const R: usize, const PF: bool>(w: &[i8], rows: [&[u8]; R], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
+unsafe fn tile_kernel_u8<const R: usize, const PF: bool>(w: &[i8], step: usize, rows: [&[u8]; R], out: &mut [i32], stride: usize, width: usize, next: &Prefetch) {
     let steps = rows[0].len() / 4;
-    assert!(w.len() == (steps - 1) * 4 * GROUP + 64 && rows.iter().all(|r| r.len() == 4 * steps) && width <= 16 && out.len() >= (R - 1) * stride + width);
+    assert!(w.len() == (steps - 1) * step + 64 && rows.iter().all(|r| r.len() == 4 * steps) && width <= 16 && out.len() >= (R - 1) * stride + width);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_si256(); 2]; R];
     let p = w.as_ptr();
     for g in 0..steps {
-        let wp = p.add(g * 4 * GROUP);
+        let wp = p.add(g * step);
         if PF {
             prefetch_step(next, g);
         }
