@@ -164,6 +164,10 @@ impl GemvWeights {
     /// tiles of rows.
     pub fn into_panels(mut self) -> Self {
         let group_bytes = self.kg * 4 * GROUP;
+        if group_bytes == 0 {
+            self.panels = true;
+            return self;
+        }
         let mut scratch = vec![0i8; group_bytes];
         for group in self.w.chunks_exact_mut(group_bytes) {
             scratch.copy_from_slice(group);
@@ -185,8 +189,8 @@ impl GemvWeights {
     /// `out[i, n] = Σ_k (a[i, k] − a0)·b[k, n]` in wrapping i32, for `a` of `m` rows of `K` u8
     /// (row-major) and `out` of `m × N`, on the caller's thread (split by columns across 2
     /// threads it measured slower here: see README "Performance"); 3 rows or more on AVX2
-    /// (beam search) through [`gemm_tiles`](Self::gemm_tiles). Panics where [`available`] is
-    /// false.
+    /// (beam search), and any rows of a matrix in panels, through
+    /// [`gemm_tiles`](Self::gemm_tiles). Panics where [`available`] is false.
     pub fn gemm(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
         assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm: operand sizes");
         let isa = isa();
@@ -204,8 +208,9 @@ impl GemvWeights {
     /// As [`gemm`](Self::gemm), the column groups halved between the calling thread and
     /// [`helper_thread`]'s thread, which stays awake between a step's products: a decoder step's
     /// product is bound by memory bandwidth, and two cores read more. One row (greedy) here; 3
-    /// or more on AVX2 (beam search) through the tiles, halved the same way; 2 rows (or 2–4 with
-    /// VNNI) as [`gemm`](Self::gemm), on the calling thread.
+    /// or more on AVX2 (beam search), and any rows of a matrix in panels, through the tiles,
+    /// halved the same way; 2 rows (or 2–4 with VNNI) as [`gemm`](Self::gemm), on the calling
+    /// thread.
     pub fn gemm_on_two(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
         assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm_on_two: operand sizes");
         let isa = isa();
@@ -457,9 +462,10 @@ mod tests {
                 wts.gemm(&a, m, a0, &mut out);
                 wts.gemm_tiles(&a, m, a0, &mut tiles);
                 let panels = GemvWeights::new(k, n, &b, n, 1).into_panels();
-                let (mut in_panels, mut panels_gemm) = (vec![0; m * n], vec![0; m * n]);
+                let (mut in_panels, mut panels_gemm, mut panels_on_two) = (vec![0; m * n], vec![0; m * n], vec![0; m * n]);
                 panels.gemm_tiles(&a, m, a0, &mut in_panels);
                 panels.gemm(&a, m, a0, &mut panels_gemm);
+                panels.gemm_on_two(&a, m, a0, &mut panels_on_two);
                 for i in 0..m {
                     for j in 0..n {
                         let want: i32 = (0..k).map(|l| (a[i * k + l] as i32 - a0 as i32) * b[l * n + j] as i32).sum();
@@ -467,6 +473,7 @@ mod tests {
                         assert_eq!(tiles[i * n + j], want, "tiles: m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
                         assert_eq!(in_panels[i * n + j], want, "panels: m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
                         assert_eq!(panels_gemm[i * n + j], want, "panels, gemm: m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
+                        assert_eq!(panels_on_two[i * n + j], want, "panels, on two: m={m} k={k} n={n} narrow {narrow} at ({i},{j})");
                     }
                 }
             }

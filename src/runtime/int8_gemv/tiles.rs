@@ -147,8 +147,8 @@ impl GemvWeights {
                     // (alone, the first pass would wait on memory and the others on arithmetic;
                     // beam 4's LM head 4.8 → 3.6 ms, measured). Only for one tile of rows: with
                     // more, each pass runs long enough on cached weights, and the prefetches cost
-                    // the encoder ~6 % (measured).
-                    let lines = if rows <= TILE_ROWS { 4 * steps } else { 0 };
+                    // the encoder ~6 % (measured). Not in panels (laid out for many rows).
+                    let lines = if rows <= TILE_ROWS && !self.panels { 4 * steps } else { 0 };
                     let next = Prefetch { base: self.w.as_ptr().wrapping_add(((j + 1) * self.kg + g0) * 4 * GROUP), first: e * steps, lines };
                     for r0 in (0..rows).step_by(TILE_ROWS) {
                         let n_rows = TILE_ROWS.min(rows - r0);
@@ -249,7 +249,7 @@ unsafe fn prefetch_step(next: &Prefetch, g: usize) {
     _mm_prefetch::<_MM_HINT_T0>(next.base.wrapping_add(line * 64));
 }
 
-/// `out[r·stride + c] += Σ_g Σ_t rows[r][4g + t] · w[256g + 4c + t]` (wrapping) for `R` rows
+/// `out[r·stride + c] += Σ_g Σ_t rows[r][4g + t] · w[step·g + 4c + t]` (wrapping) for `R` rows
 /// and the first `width` ≤ 8 columns on AVX2.
 ///
 /// Each 16 weight bytes (4 columns × 4 k-values) widen to 16 i16, so `vpmaddwd` with the row's
@@ -282,7 +282,7 @@ unsafe fn tile_kernel_i16<const R: usize, const PF: bool>(w: &[i8], step: usize,
     }
 }
 
-/// `out[r·stride + c] += Σ_g Σ_t rows[r][4g + t] · w[256g + 4c + t]` (wrapping) for `R` u8 rows
+/// `out[r·stride + c] += Σ_g Σ_t rows[r][4g + t] · w[step·g + 4c + t]` (wrapping) for `R` u8 rows
 /// and the first `width` ≤ 16 columns on AVX2, for narrow weights only (pairs within ±128, so
 /// `vpmaddubsw` never saturates; see the module's text): each 32 weight bytes are 8 columns'
 /// 4 k-values, and `vpmaddubsw` with the row's 4 bytes broadcast, then `vpmaddwd` by 1, gives
