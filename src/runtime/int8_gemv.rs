@@ -20,8 +20,9 @@
 //! The same layout, or for an encoder's matrices its 16-column panels
 //! ([`GemvWeights::into_panels`]), serves products of many rows (an encoder's 197) on AVX2 CPUs
 //! without VNNI, where rten-gemm's kernel saturates and needs two passes:
-//! [`GemvWeights::gemm_tiles`] runs them in one exact pass in register tiles (`tiles`: i16 for any weights, ~65 GMAC/s on an AMD
-//! EPYC, Zen 3, against the split's ~42; u8 × narrow weights, ~87).
+//! [`GemvWeights::gemm_tiles`] runs them in one exact pass in register tiles (`tiles`: i16 for
+//! any weights, ~65 GMAC/s on an AMD EPYC, Zen 3, against the split's ~42; u8 × narrow weights,
+//! ~87).
 
 // The kernels are x86-64 only; elsewhere `available()` is false and nothing here runs.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_mut))]
@@ -163,11 +164,8 @@ impl GemvWeights {
     /// quarter of a 32 KiB, 64-set L1's sets, 128 lines' room: the pass fell out of L1 between
     /// tiles of rows.
     pub fn into_panels(mut self) -> Self {
-        let group_bytes = self.kg * 4 * GROUP;
-        if group_bytes == 0 {
-            self.panels = true;
-            return self;
-        }
+        // K = 0 has no bytes to move (and `chunks_exact_mut` takes no chunks of 0).
+        let group_bytes = (self.kg * 4 * GROUP).max(1);
         let mut scratch = vec![0i8; group_bytes];
         for group in self.w.chunks_exact_mut(group_bytes) {
             scratch.copy_from_slice(group);
