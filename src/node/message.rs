@@ -20,12 +20,24 @@ pub struct ModelInfo {
     pub sha256: String,
 }
 
+/// Milliseconds, rounded to 0.1 ms as the README's example shows: finer digits are timer noise,
+/// and full `f64` digits made the message's size vary by tens of bytes from frame to frame
+/// (which a broker's packet limit then sees).
 #[derive(Serialize)]
-struct Latency<'a> {
+struct Latency {
     #[serde(flatten)]
-    stages: &'a StageMs,
-    /// From capture to the end of captioning, in milliseconds.
+    stages: StageMs,
+    /// From capture to the end of captioning.
     capture_to_caption: f64,
+}
+
+impl Latency {
+    fn new(stages: &StageMs, capture_to_caption: f64) -> Self {
+        let r = |ms: f64| (ms * 10.0).round() / 10.0;
+        let StageMs { decode, preprocess, encoder, decoder, total } = *stages;
+        let stages = StageMs { decode: r(decode), preprocess: r(preprocess), encoder: r(encoder), decoder: r(decoder), total: r(total) };
+        Latency { stages, capture_to_caption: r(capture_to_caption) }
+    }
 }
 
 /// One caption message on `…/caption` (the README's "MQTT messages").
@@ -41,7 +53,7 @@ pub struct CaptionMessage<'a> {
     /// Capture time, RFC 3339 with milliseconds, UTC.
     timestamp: String,
     source: &'a str,
-    latency_ms: Latency<'a>,
+    latency_ms: Latency,
     model: &'a ModelInfo,
     score: f32,
     tokens: &'a [u32],
@@ -57,7 +69,7 @@ impl<'a> CaptionMessage<'a> {
             language: "fr",
             timestamp: rfc3339_ms(frame.at),
             source: &frame.origin,
-            latency_ms: Latency { stages: &c.ms, capture_to_caption: frame.received.elapsed().as_secs_f64() * 1e3 },
+            latency_ms: Latency::new(&c.ms, frame.received.elapsed().as_secs_f64() * 1e3),
             model,
             score: c.score,
             tokens: &c.tokens,
@@ -184,6 +196,15 @@ mod tests {
         assert_eq!(rfc3339_ms(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_709_210_096_789); // leap day
         assert_eq!(rfc3339_ms(t), "2024-02-29T12:34:56.789Z");
+    }
+
+    #[test]
+    fn latencies_to_a_tenth_of_a_millisecond() {
+        let ms = StageMs { decode: 0.04, preprocess: 0.4499999, encoder: 231.25000001, decoder: 9.87654321, total: 1234.5678 };
+        let v = serde_json::to_value(Latency::new(&ms, 15.05)).unwrap();
+        let want = serde_json::json!({"decode": 0.0, "preprocess": 0.4, "encoder": 231.3, "decoder": 9.9, "total": 1234.6, "capture_to_caption": 15.1});
+        assert_eq!(v, want);
+        assert!(v.to_string().contains(r#""encoder":231.3,"#), "printed short: {v}");
     }
 
     #[test]

@@ -313,13 +313,13 @@ pub fn make_certs(dir: &Path) {
     openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"]);
 }
 
-/// Puts `a-0000.jpg`, a JPEG whose 240-character name makes its caption message much larger
+/// Puts `a-0000.jpg`, a JPEG whose 250-character name makes its caption message much larger
 /// (the source name is part of the message), `z-0000.jpg` and `z-0001.jpg` into `watch`, and
 /// captions them once with no broker to measure. Returns the big file's name and the size of
 /// the largest normal message.
 pub fn normal_and_big_images(dir: &Path, watch: &Path) -> (String, usize) {
     drop_images(watch, "a", 1);
-    let big = format!("{}.jpg", "x".repeat(240));
+    let big = format!("{}.jpg", "x".repeat(246)); // 250 bytes: ext4 allows 255
     std::fs::copy(fixtures().join("images/street.jpg"), watch.join(&big)).unwrap();
     drop_images(watch, "z", 2);
     let probe_spool = dir.join("probe-spool");
