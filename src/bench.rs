@@ -45,9 +45,12 @@ pub struct ProfileOptions {
     pub by_node: bool,
     /// Lines printed per graph.
     pub top: usize,
+    /// Hypotheses in the profiled decoder step (1 greedy, the beam width for beam search).
+    pub rows: usize,
 }
 
-/// `--profile`: per-op times of the fast layout's graphs (encoder, one decoder step at past 16).
+/// `--profile`: per-op times of the fast layout's graphs (encoder, one decoder step of `rows`
+/// hypotheses at past 16).
 pub fn profile(args: &BenchOptions, p: ProfileOptions) -> Result<()> {
     runtime::set_threads(args.threads.first().copied().unwrap_or(1));
     let bundle = Bundle::open(&args.model, args.dtype, Some(GraphLayout::Fast))
@@ -58,7 +61,7 @@ pub fn profile(args: &BenchOptions, p: ProfileOptions) -> Result<()> {
     weight_memory::collapse();
     let side = bundle.assets.preprocess.size.width;
     let pixels = bundle.assets.preprocess.pixel_values(&test_image(side as u32));
-    for (what, v) in rt.profile(pixels, 16, p.by_node)? {
+    for (what, v) in rt.profile(pixels, 16, p.rows, p.by_node)? {
         let total: f64 = v.iter().map(|x| x.1).sum();
         println!("{what}: {total:.1} ms");
         for (op, ms, n) in v.iter().take(p.top) {

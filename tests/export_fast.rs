@@ -205,7 +205,9 @@ fn bench_reports_every_figure() {
         assert_eq!(t.token_ms.len(), 2);
         assert!(t.peak_rss_mib > 0.0);
     }
-    vitgpt2::bench::profile(&args, vitgpt2::bench::ProfileOptions { by_node: false, top: 15 }).unwrap();
+    vitgpt2::bench::profile(&args, vitgpt2::bench::ProfileOptions { by_node: false, top: 15, rows: 1 }).unwrap();
+    // A beam step's rows (the past of 4 hypotheses, one image's cross keys/values).
+    vitgpt2::bench::profile(&args, vitgpt2::bench::ProfileOptions { by_node: true, top: 5, rows: 4 }).unwrap();
 }
 
 /// The exported graphs in onnxruntime (what Optimum/transformers.js users run) give tract's

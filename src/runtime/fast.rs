@@ -100,19 +100,21 @@ impl FastRuntime {
     }
 
     /// Times every node (`vitgpt2-node bench --profile`): the encoder on `pixel_values`, then one
-    /// greedy decoder step after `past` zero-filled positions. Each graph runs once to warm up,
-    /// then once timed. Returns `(what, per-op times)` per graph.
-    pub fn profile(&self, pixel_values: Array4<f32>, past: usize, by_node: bool) -> Result<Vec<(String, OpTimes)>> {
+    /// decoder step of `rows` hypotheses (1: greedy) after `past` zero-filled positions. Each
+    /// graph runs once to warm up, then once timed. Returns `(what, per-op times)` per graph.
+    pub fn profile(&self, pixel_values: Array4<f32>, past: usize, rows: usize, by_node: bool) -> Result<Vec<(String, OpTimes)>> {
         let px = || vec![(tensor::PIXEL_VALUES, pixel_values.clone().into_tensor().into_tvalue())];
         self.encoder.profile(px(), by_node)?;
         let encoder = self.encoder.profile(px(), by_node)?;
         let out = self.encoder.run("encoder", px())?;
         let cross = self.cross_outputs(&out)?;
-        let zeros = Tensor::zero::<f32>(&[1, self.heads, past, self.head_dim]).map_err(|e| Error::runtime("profile", chain(&e)))?;
-        let inputs = || self.step_inputs(&[5], past, vec![zeros.clone().into_tvalue(); self.past_names.len()], &cross);
+        let zeros = Tensor::zero::<f32>(&[rows, self.heads, past, self.head_dim]).map_err(|e| Error::runtime("profile", chain(&e)))?;
+        let tokens = vec![5; rows];
+        let inputs = || self.step_inputs(&tokens, past, vec![zeros.clone().into_tvalue(); self.past_names.len()], &cross);
         self.decoder_step.profile(inputs()?, by_node)?;
         let step = self.decoder_step.profile(inputs()?, by_node)?;
-        Ok(vec![("encoder".into(), encoder), (format!("decoder step at past {past}"), step)])
+        let what = if rows == 1 { format!("decoder step at past {past}") } else { format!("decoder step of {rows} rows at past {past}") };
+        Ok(vec![("encoder".into(), encoder), (what, step)])
     }
 
     fn cross_outputs(&self, out: &TVec<TValue>) -> Result<Vec<TValue>> {

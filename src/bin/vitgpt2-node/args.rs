@@ -127,6 +127,9 @@ pub struct BenchArgs {
     /// With --profile: how many lines to print per graph.
     #[arg(long, default_value_t = 15, requires = "profile")]
     pub top: usize,
+    /// With --profile: hypotheses in the decoder step (4 = a step of beam 4).
+    #[arg(long, default_value_t = 1, requires = "profile", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub rows: u16,
 }
 
 impl From<&BenchArgs> for BenchOptions {
@@ -140,7 +143,7 @@ impl From<&BenchArgs> for BenchOptions {
             past: a.past.clone(),
             tokens: a.tokens,
             json: a.json,
-            profile: a.profile.then_some(ProfileOptions { by_node: a.by_node, top: a.top }),
+            profile: a.profile.then_some(ProfileOptions { by_node: a.by_node, top: a.top, rows: a.rows.into() }),
         }
     }
 }
