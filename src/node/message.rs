@@ -199,12 +199,13 @@ mod tests {
     }
 
     #[test]
-    fn latencies_to_a_tenth_of_a_millisecond() {
+    fn latencies_to_a_tenth_of_a_millisecond() -> serde_json::Result<()> {
         let ms = StageMs { decode: 0.04, preprocess: 0.4499999, encoder: 231.25000001, decoder: 9.87654321, total: 1234.5678 };
-        let v = serde_json::to_value(Latency::new(&ms, 15.05)).unwrap();
+        let v = serde_json::to_value(Latency::new(&ms, 15.05))?;
         let want = serde_json::json!({"decode": 0.0, "preprocess": 0.4, "encoder": 231.3, "decoder": 9.9, "total": 1234.6, "capture_to_caption": 15.1});
         assert_eq!(v, want);
         assert!(v.to_string().contains(r#""encoder":231.3,"#), "printed short: {v}");
+        Ok(())
     }
 
     #[test]
