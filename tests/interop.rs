@@ -88,12 +88,12 @@ fn check_bundle(bundle: &str, dtypes: &[&str]) {
                     // Same integer or f32 arithmetic: float noise only. fp16 graphs are widened to
                     // f32 at load while onnxruntime computes their activations in half precision (a
                     // 2^-11 ≈ 5e-4 relative step); q4's MatMulNBits dequantizes its blocks in
-                    // another order in each runtime. q8 quantizes its activations at run time:
-                    // where the f32 ops before differ in the last bit (reference.json was made on
-                    // an AVX2 CPU; on AVX-512 tract's f32 kernels sum in another order), a value
-                    // can round to the next step — measured 2.1e-4 on one beam score on a Zen 4
-                    // (AVX-512 VNNI), within 1e-4 on AVX2; int8 and uint8 stayed within 4e-7 on
-                    // both. Measured: see the printed worst differences.
+                    // another order in each runtime. q8 quantizes its activations at run time, so
+                    // a last-bit difference in the f32 ops before it can round a value to the next
+                    // step (likely why: reference.json was made on an AVX2 CPU, and on AVX-512
+                    // tract's f32 kernels are others) — measured 2.1e-4 on one beam score on a Zen
+                    // 4 (AVX-512 VNNI), where int8 and uint8 stayed within 4e-7; q8 passed 1e-4 on
+                    // AVX2. Measured: see the printed worst differences.
                     let tol = match dtype {
                         "fp16" | "q4" => 4e-3,
                         "q8" => 1e-3,
