@@ -165,3 +165,69 @@ fn softmax_rows_of_every_length_match_the_definition() {
         }
     }
 }
+
+#[test]
+fn gelu_on_the_swapped_op_gives_tracts_bits_on_one_and_two_threads() {
+    // ViT's MLP activation as the exporters write it: x/2 · (1 + erf(x/√2)), which tract's
+    // declutter fuses into GeluExact and f32_ops swaps for GeluExactRows (rows halved on the
+    // helper thread with 2 threads). Same erf kernel and order: the same bits as tract's.
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (m, n) = (197, 3072);
+    let mut g = GraphBuilder::new("gelu");
+    let x = g.input("x", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(n)]);
+    let inv_sqrt2 = g.init_f32("inv_sqrt2", &[], &[2f32.sqrt().recip()]);
+    let one = g.init_f32("one", &[], &[1.0]);
+    let half = g.init_f32("half", &[], &[0.5]);
+    let scaled = g.node("Mul", &[&x, &inv_sqrt2], vec![]);
+    let erf = g.node("Erf", &[&scaled], vec![]);
+    let one_plus = g.node("Add", &[&erf, &one], vec![]);
+    let half_x = g.node("Mul", &[&x, &half], vec![]);
+    let y = g.node("Mul", &[&half_x, &one_plus], vec![]);
+    g.output(&y, "y", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(n)]);
+    let proto = g.finish("gelu check", &[]);
+    let model = tract_onnx::onnx().model_for_proto_model(&proto).expect("tract parses the graph");
+    let mut rng = SplitMix::new(11);
+    // Wide enough for erf's tails and exact zeros' neighbourhood.
+    let xv = random(&mut rng, m * n, 6.0);
+    let input: TVec<TValue> = tvec![Tensor::from_shape(&[1, m, n], &xv).unwrap().into_tvalue()];
+    let run = |swap: bool| {
+        let (typed, _) = optimize_with(model.clone(), Int8Gemm::Tract, swap).expect("optimizes");
+        let names: Vec<String> = typed.nodes().iter().map(|n| n.op().name().to_string()).collect();
+        let out = typed.into_runnable().expect("runnable").run(input.clone()).expect("runs");
+        (names, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect::<Vec<f32>>())
+    };
+    vitgpt2::runtime::set_threads(1);
+    let (names, tract) = run(false);
+    assert!(names.iter().any(|n| n.contains("GeluExact")) && !names.iter().any(|n| n == "GeluExactRows"), "tract's graph: {names:?}");
+    let (names, ours) = run(true);
+    assert!(names.iter().any(|n| n == "GeluExactRows"), "not swapped: {names:?}");
+    vitgpt2::runtime::set_threads(2);
+    let (_, ours_two) = run(true);
+    vitgpt2::runtime::set_threads(1);
+    for (what, got) in [("1 thread", &ours), ("2 threads", &ours_two)] {
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != tract[i].to_bits()) {
+            panic!("{what}: element {i} (x = {}): {} against tract's {}", xv[i], got[i], tract[i]);
+        }
+    }
+    // And the definition, to f32 rounding of erf.
+    for (&x, &y) in xv.iter().zip(&ours).step_by(97) {
+        let want = 0.5 * x as f64 * (1.0 + erf_f64(x as f64 / std::f64::consts::SQRT_2));
+        assert!((y as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "gelu({x}) = {y}, want {want}");
+    }
+}
+
+/// erf by its Maclaurin series (Abramowitz & Stegun 7.1.5), ±1 beyond |x| = 6; at |x| ≤ 4.3
+/// (used here) its cancellation costs ~7 of f64's digits, ~1e-9, far inside the test's 1e-5.
+fn erf_f64(x: f64) -> f64 {
+    if x.abs() > 6.0 {
+        return x.signum();
+    }
+    // Series Σ (−1)^n x^(2n+1) / (n! (2n+1)), enough terms for |x| ≤ 6 in f64.
+    let (mut term, mut sum, mut n) = (x, x, 0.0);
+    while term.abs() > 1e-17 * sum.abs().max(1e-300) && n < 400.0 {
+        n += 1.0;
+        term *= -x * x / n;
+        sum += term / (2.0 * n + 1.0);
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}

@@ -137,8 +137,11 @@ fn int8_products_equal_tracts_matmul_integer() {
     eprintln!("few-row kernel: {}", if few_row { vitgpt2::runtime::int8_gemv::kernel_name() } else { "none on this CPU (rten-gemm for all)" });
     // Rows ≥ 16 run on int8_gemv's i16 tiles where rten-gemm's kernel saturates (AVX2 without VNNI).
     let tiles = vitgpt2::runtime::int8::tiles_available();
-    eprintln!("many-row kernel: {}", if tiles { "avx2 tiles (i16; u8 for narrow weights)" } else { kernel });
-    let shapes = [(1, 1, 1), (1, 64, 33), (3, 5, 7), (17, 77, 130), (197, 768, 65), (2, 300, 3), (4, 17, 257), (65, 3, 2), (31, 2, 40), (5, 768, 130), (9, 31, 64), (15, 3072, 65), (1, 768, 1000)];
+    // Or, where the CPU has AMX-INT8, on its tiles where K is a multiple of 64 and N of 32.
+    let amx = vitgpt2::runtime::amx::available();
+    let many_row_ours = |k: usize, n: usize| tiles || (amx && vitgpt2::runtime::amx::AmxWeights::fits(k, n));
+    eprintln!("many-row kernel: {}", if tiles { "avx2 tiles (i16; u8 for narrow weights)" } else if amx { "amx-int8 (K % 64 = 0, N % 32 = 0; rten-gemm otherwise)" } else { kernel });
+    let shapes = [(1, 1, 1), (1, 64, 33), (3, 5, 7), (17, 77, 130), (197, 768, 65), (2, 300, 3), (4, 17, 257), (65, 3, 2), (31, 2, 40), (5, 768, 130), (9, 31, 64), (15, 3072, 65), (1, 768, 1000), (197, 768, 96), (16, 64, 32), (33, 128, 64)];
     let mut seed = 7;
     let mut checked = 0;
     for &(m, k, n) in &shapes {
@@ -147,7 +150,7 @@ fn int8_products_equal_tracts_matmul_integer() {
                 seed += 1;
                 let c = Case { m, k, n, a_signed, b_signed, zero, narrow };
                 // Auto, then rten-gemm alone where Auto is not rten-gemm.
-                let ours = if m < 16 { few_row } else { tiles };
+                let ours = if m < 16 { few_row } else { many_row_ours(k, n) };
                 let gemms: &[Int8Gemm] = if ours { &[Int8Gemm::Auto, Int8Gemm::Rten] } else { &[Int8Gemm::Auto] };
                 for &gemm in gemms {
                     let (substituted, rten, tract, naive) = run_case(&c, seed, gemm);
@@ -162,14 +165,15 @@ fn int8_products_equal_tracts_matmul_integer() {
             }
         }
     }
-    let twice = shapes.iter().filter(|s| if s.0 < 16 { few_row } else { tiles }).count();
+    let twice = shapes.iter().filter(|s| if s.0 < 16 { few_row } else { many_row_ours(s.1, s.2) }).count();
     assert_eq!(checked, (shapes.len() + twice) * 18);
 
     // Two threads: the pool shared with tract and rten-gemm's parallel blocks or the tiles' row
     // halves (rows ≥ 16); fewer rows halve their columns with the helper thread (`helper_thread`):
-    // one row on the few-row kernel, 3–15 on AVX2's tiles (2 rows, or 2–4 with VNNI, stay whole).
+    // one row on the few-row kernel, 3–15 on AVX2's tiles (2 rows, or 2–4 with VNNI, stay whole);
+    // with AMX, 197 × 768 × 64 and 37 × 3072 × 96 on its tiles (halves on the helper thread).
     vitgpt2::runtime::set_threads(2);
-    for &(m, k, n) in &[(197, 768, 65), (64, 300, 257), (1, 768, 1400), (1, 300, 65), (1, 40, 64), (4, 1024, 1100), (3, 50, 64), (5, 40, 65), (37, 3072, 70)] {
+    for &(m, k, n) in &[(197, 768, 65), (64, 300, 257), (1, 768, 1400), (1, 300, 65), (1, 40, 64), (4, 1024, 1100), (3, 50, 64), (5, 40, 65), (37, 3072, 70), (197, 768, 64), (37, 3072, 96)] {
         for (zero, narrow, a_signed) in [(Zero::None, false, false), (Zero::Varying, false, false), (Zero::None, true, true), (Zero::Varying, true, false)] {
             seed += 1;
             let (substituted, rten, tract, naive) = run_case(&Case { m, k, n, a_signed, b_signed: true, zero, narrow }, seed, Int8Gemm::Auto);
@@ -243,7 +247,7 @@ fn dequantization_folds_into_the_product_bit_exactly() {
     use vitgpt2::runtime::int8::Int8MatMul;
     let mut rng = SplitMix::new(4242);
     let unit = |rng: &mut SplitMix| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-    for &(m, k, n, const_ws) in &[(1, 768, 70, true), (4, 33, 65, true), (197, 300, 130, true), (5, 40, 9, false)] {
+    for &(m, k, n, const_ws) in &[(1, 768, 70, true), (4, 33, 65, true), (197, 300, 130, true), (197, 768, 64, true), (5, 40, 9, false)] {
         let mut g = GraphBuilder::new("dq");
         let a = g.input("a", DataType::Int8, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(k)]);
         let s = g.input("s", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(1)]);
@@ -271,7 +275,8 @@ fn dequantization_folds_into_the_product_bit_exactly() {
             (folded, casts, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().map(|v| v.to_bits()).collect::<Vec<_>>())
         };
         let (folded, casts, ours) = run(Int8Gemm::Auto);
-        // Two threads: on AVX2 the tiles dequantize each thread's rows (197: 99 + 98) there.
+        // Two threads: on AVX2 the tiles dequantize each thread's rows (197: 99 + 98) there, and
+        // rten-gemm's or AMX's halves theirs on the helper thread (197 × 768 × 64 on AMX).
         vitgpt2::runtime::set_threads(2);
         let (_, _, ours_2) = run(Int8Gemm::Auto);
         vitgpt2::runtime::set_threads(1);

@@ -24,15 +24,20 @@
 //! equality with tract's own `MatMulInteger` on random shapes, odd edge sizes and every
 //! operand type and zero-point form.
 
-use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, GemmUninitOptions, PackedBMatrix, QuantParams};
+use rten_gemm::{GemmExecutor, PackedBMatrix};
 use rten_tensor::{Matrix, NdTensorView};
 
 use super::graph::swap_node;
+use super::amx::{self, AmxWeights};
+use super::helper_thread;
 use super::int8_gemv::{self, GemvWeights};
+pub(crate) use rows::written_f32;
+use rows::dequantize_rows;
+
+mod rows;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -66,7 +71,9 @@ pub fn tiles_available() -> bool {
 /// The kernels products run on here, few rows then many (for logs and the bench's report).
 pub fn kernels() -> String {
     let few = if int8_gemv::available() { int8_gemv::kernel_name() } else { kernel() };
-    let many = if tiles_available() { "avx2 i16 tiles, u8 for narrow weights (vitgpt2, exact)" } else { kernel() };
+    let many = if amx::available() {
+        amx::KERNEL_NAME
+    } else if tiles_available() { "avx2 i16 tiles, u8 for narrow weights (vitgpt2, exact)" } else { kernel() };
     format!("{few} (few rows), {many} (many rows)")
 }
 
@@ -121,6 +128,21 @@ pub(crate) fn with_threads<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -
     }
 }
 
+/// Whether a product (or another op) of `rows` rows runs in two halves, one on
+/// [`helper_thread`]'s thread ([`helper_thread::join_rows`]) rather than on rayon's pool:
+/// with 2 threads (where one helper is all it takes), for as many rows as [`with_threads`]
+/// splits, and only where rayon's own pool is not in use (in the node it never is: the
+/// global pool has one thread, so rten-gemm runs each half on its own thread).
+pub(crate) fn on_helper(rows: usize) -> bool {
+    rows >= PARALLEL_MIN_ROWS && threads() == 2 && rayon::current_num_threads() == 1 && helper_split_enabled()
+}
+
+/// `VITGPT2_HELPER_SPLIT=0` keeps the many-row ops on rayon's pool (for comparison).
+fn helper_split_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("VITGPT2_HELPER_SPLIT").as_deref() != Ok("0"))
+}
+
 /// The left operand's zero point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum LeftZero {
@@ -136,6 +158,8 @@ enum LeftZero {
 enum Weights {
     /// rten-gemm's packed blocks (products of many rows: the encoder).
     Packed(Arc<PackedBMatrix<i8>>),
+    /// AMX tiles (products of many rows where the CPU has AMX-INT8: [`amx`]).
+    Amx(Arc<AmxWeights>),
     /// [`GemvWeights`] (products of a few rows: decoder steps).
     Gemv(Arc<GemvWeights>),
     /// The same layout for many rows on AVX2 without VNNI ([`GemvWeights::gemm_tiles`], one
@@ -186,6 +210,7 @@ impl PartialEq for Int8MatMul {
     fn eq(&self, other: &Self) -> bool {
         let same = match (&self.weights, &other.weights) {
             (Weights::Packed(a), Weights::Packed(b)) => Arc::ptr_eq(a, b),
+            (Weights::Amx(a), Weights::Amx(b)) => Arc::ptr_eq(a, b),
             (Weights::Gemv(a), Weights::Gemv(b)) | (Weights::Tiles(a), Weights::Tiles(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
@@ -208,6 +233,7 @@ impl Int8MatMul {
     fn kernel(&self) -> &'static str {
         match &self.weights {
             Weights::Packed(_) => kernel(),
+            Weights::Amx(_) => amx::KERNEL_NAME,
             Weights::Gemv(_) => int8_gemv::kernel_name(),
             Weights::Tiles(w) if w.narrow() => NARROW_TILES_NAME,
             Weights::Tiles(_) => TILES_NAME,
@@ -250,6 +276,19 @@ impl EvalOp for Int8MatMul {
         if let (Weights::Tiles(w), None) = (&self.weights, &self.b_zero) {
             return Ok(tvec![self.eval_tiles(w, &inputs, m, a0, &out_shape)?]);
         }
+        // AMX always by rows (its dequantization rides on the product); rten-gemm where the
+        // helper thread takes half (otherwise below, rten-gemm spreading its own blocks).
+        let halves = on_helper(m);
+        if matches!(self.weights, Weights::Amx(_)) || (halves && matches!(self.weights, Weights::Packed(_))) {
+            let parts = if halves {
+                rows::Parts::Halves
+            } else if m >= PARALLEL_MIN_ROWS && threads() > 1 {
+                rows::Parts::Pool
+            } else {
+                rows::Parts::One
+            };
+            return Ok(tvec![self.eval_by_rows(&inputs, m, a0, &out_shape, parts)?]);
+        }
         let a_ram = a.try_as_plain_ram()?;
         let shifted: Vec<u8>;
         let a_u8: &[u8] = if self.a_signed {
@@ -276,43 +315,21 @@ impl EvalOp for Int8MatMul {
                 with_threads(m, || w.gemm_tiles(a_u8, m, a0, &mut out));
                 tract_ndarray::ArrayD::from_shape_vec(&*out_shape, out)?.into_tensor()
             }
-            Weights::Packed(packed) => {
-                let a_zero = vec![a0; m];
+            Weights::Packed(_) | Weights::Amx(_) => {
                 // Safety: the buffer is handed to gemm_uninit as MaybeUninit, which writes every
                 // element (and returns them as initialized) before anything reads it.
                 let mut out = unsafe { Tensor::uninitialized::<i32>(&out_shape)? };
                 let len = out.len();
                 let ptr = out.as_ptr_mut::<i32>()?.cast::<std::mem::MaybeUninit<i32>>();
                 let out_uninit = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-                let gemm = executor();
-                // A kernel whose u8×i8 pair sums saturate at i16 (x86-64 AVX2 without VNNI) is
-                // exact on 7-bit left operands: a = (a & 0x7F) + (a & 0x80), each pair sum of
-                // either part within ±32,768 (|127·−128·2| = 32,512; |128·−128·2| = 32,768), so
-                // Σ(a − a0)·b = Σ((a & 0x7F) − a0)·b + Σ(a & 0x80)·b, two exact products.
-                let split: Option<(Vec<u8>, Vec<u8>)> =
-                    gemm.may_saturate().then(|| (a_u8.iter().map(|&v| v & 0x7F).collect(), a_u8.iter().map(|&v| v & 0x80).collect()));
-                let first = split.as_ref().map_or(a_u8, |(lo, _)| &lo[..]);
-                let a_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], first);
-                let opts = GemmUninitOptions { a_quant: Some(QuantParams { zero_point: &a_zero }), ..Default::default() };
-                let out_init = with_threads(m, || gemm.gemm_uninit(out_uninit, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(packed), opts))
-                    .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
-                if let Some((_, hi)) = &split {
-                    let hi_mat: Matrix<u8> = NdTensorView::from_data([m, self.k], &hi[..]);
-                    let opts = GemmOptions { beta: 1, ..Default::default() };
-                    with_threads(m, || gemm.gemm(out_init, GemmInputA::Unpacked(hi_mat), GemmInputB::Packed(packed), opts))
-                        .map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
-                }
+                with_threads(m, || rows::product(&self.weights, a_u8, self.k, a0, out_uninit))?;
                 out
             }
         };
         let mut view = out.try_as_plain_ram_mut()?;
         let out_data = view.as_slice_mut::<i32>()?;
         if let Some(b_zero) = &self.b_zero {
-            // Wrapping, like the i32 accumulation of the product itself.
-            for (row, out_row) in a_u8.chunks_exact(self.k).zip(out_data.chunks_exact_mut(self.n)) {
-                let centered = row.iter().fold(0i32, |s, &v| s.wrapping_add(v as i32)).wrapping_sub((self.k as i32).wrapping_mul(a0 as i32));
-                out_row.iter_mut().zip(b_zero.iter()).for_each(|(o, &z)| *o = o.wrapping_sub(z.wrapping_mul(centered)));
-            }
+            rows::subtract_b_zero(out_data, a_u8, self.k, a0, b_zero);
         }
         let Some(ws) = &self.dequantize else { return Ok(tvec![out.into_tvalue()]) };
         let s = inputs.last().context("Int8MatMul: missing row scales")?;
@@ -355,34 +372,6 @@ impl Int8MatMul {
         // writes all of it.
         let y = unsafe { written_f32(m * n, |y| with_threads(m, || w.gemm_tiles_map(m, a0, row, y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y)))) };
         Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
-    }
-}
-
-/// `len` f32s written by `fill`: outputs not zeroed first (the encoder's are 80 MB per image,
-/// ~8 ms of zeroing on the calling thread at 10 GB/s, estimated).
-///
-/// # Safety
-/// `fill` must write every element of the slice it is handed.
-pub(crate) unsafe fn written_f32(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut y: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
-    // Safety: MaybeUninit needs no initialization.
-    unsafe { y.set_len(len) };
-    fill(&mut y);
-    let mut y = std::mem::ManuallyDrop::new(y);
-    // Safety: same allocation, length and capacity; `fill` wrote every element (the caller's
-    // promise).
-    unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast(), y.len(), y.capacity()) }
-}
-
-/// `y[r, c] = (acc[r, c] as f32 · s[r]) · ws[c]` for `acc, y: [rows, N]`, `ws: [N]`: the graph's
-/// order and roundings (Cast to f32, × the row's scale, × the column's; [`fuse_dequantize`]).
-/// Writes every element of `y`.
-fn dequantize_rows(acc: &[i32], s: &[f32], ws: &[f32], y: &mut [MaybeUninit<f32>]) {
-    let n = ws.len();
-    for ((y_row, acc_row), &sr) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)).zip(s) {
-        y_row.iter_mut().zip(acc_row).zip(ws).for_each(|((y, &acc), &w)| {
-            y.write((acc as f32 * sr) * w);
-        });
     }
 }
 
@@ -616,6 +605,8 @@ fn plan_for(model: &TypedModel, node: &TypedNode, op: &EinSum, ours: bool) -> Tr
         // In 16-column panels (the encoder's products 4–6 % faster stand-alone, README
         // "Performance"); `VITGPT2_TILE_PANELS=0` keeps the group layout, to compare.
         Weights::Tiles(Arc::new(if std::env::var("VITGPT2_TILE_PANELS").as_deref() == Ok("0") { w } else { w.into_panels() }))
+    } else if ours && amx::available() && AmxWeights::fits(kd, nd) {
+        Weights::Amx(Arc::new(AmxWeights::new(kd, nd, &b_i8, strides[kb], strides[nb])))
     } else {
         let b_view: Matrix<i8> = NdTensorView::from_data_with_strides([kd, nd], &b_i8[..], [strides[kb], strides[nb]])
             .map_err(|e| format_err!("Int8MatMul: right operand layout: {e:?}"))?;

@@ -30,6 +30,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::amx;
 use super::helper_thread;
 use super::weight_memory::WeightBuf;
 
@@ -200,15 +201,14 @@ impl GemvWeights {
             return self.gemm_tiles(a, m, a0, out);
         }
         let words = self.words(a);
-        self.groups(&words, m, a0, 0..self.n.div_ceil(GROUP), out, 0);
+        self.groups(&words, m, a0, 0..self.n.div_ceil(GROUP), out, 0, self.n);
     }
 
     /// As [`gemm`](Self::gemm), the column groups halved between the calling thread and
     /// [`helper_thread`]'s thread, which stays awake between a step's products: a decoder step's
     /// product is bound by memory bandwidth, and two cores read more. One row (greedy) here; 3
     /// or more on AVX2 (beam search), and any rows of a matrix in panels, through the tiles,
-    /// halved the same way; 2 rows (or 2–4 with VNNI) as [`gemm`](Self::gemm), on the calling
-    /// thread.
+    /// halved the same way; 2 rows (or 2–4 with VNNI) likewise on the group kernels.
     pub fn gemm_on_two(&self, a: &[u8], m: usize, a0: u8, out: &mut [i32]) {
         assert!(a.len() == m * self.k && out.len() == m * self.n, "GemvWeights::gemm_on_two: operand sizes");
         let isa = isa();
@@ -217,17 +217,34 @@ impl GemvWeights {
             return self.tiles_on_two(a, m, a0, out);
         }
         let groups = self.n.div_ceil(GROUP);
-        if m != 1 || groups < 2 {
+        if groups < 2 {
             return self.gemm(a, m, a0, out);
         }
         let words = self.words(a);
         let mid = groups / 2;
-        let (lo, hi) = out.split_at_mut((mid * GROUP).min(self.n));
-        let hi = std::sync::Mutex::new(hi);
+        let c_mid = (mid * GROUP).min(self.n);
+        if m == 1 {
+            let (lo, hi) = out.split_at_mut(c_mid);
+            let hi = std::sync::Mutex::new(hi);
+            helper_thread::join(
+                || self.groups(&words, 1, a0, 0..mid, lo, 0, self.n),
+                || self.groups(&words, 1, a0, mid..groups, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), c_mid, self.n),
+            );
+            return;
+        }
+        // Several rows (beam search): the right half's columns into a buffer of their own,
+        // copied after. On a Xeon with AMX (2 cores), a beam-4 caption at 2 threads 340 ms with
+        // these rows whole (its 1-thread time: 357 ms), README "Performance".
+        let hi_n = self.n - c_mid;
+        let hi = std::sync::Mutex::new(vec![0i32; m * hi_n]);
         helper_thread::join(
-            || self.groups(&words, 1, a0, 0..mid, lo, 0),
-            || self.groups(&words, 1, a0, mid..groups, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), mid * GROUP),
+            || self.groups(&words, m, a0, 0..mid, out, 0, self.n),
+            || self.groups(&words, m, a0, mid..groups, &mut hi.lock().unwrap_or_else(|e| e.into_inner()), c_mid, hi_n),
         );
+        let hi = hi.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (out_row, hi_row) in out.chunks_exact_mut(self.n).zip(hi.chunks_exact(hi_n)) {
+            out_row[c_mid..].copy_from_slice(hi_row);
+        }
     }
 
     /// [`gemm_tiles`](Self::gemm_tiles) for a few rows, the column groups halved with the helper.
@@ -270,39 +287,57 @@ impl GemvWeights {
     }
 
     /// [`gemm`](Self::gemm)'s products for the column groups `groups` into `out`, which holds
-    /// columns `col0..` of one row (`m` = 1) or all of `m` rows (`col0` = 0).
-    fn groups(&self, words: &[i32], m: usize, a0: u8, groups: std::ops::Range<usize>, out: &mut [i32], col0: usize) {
-        debug_assert!(m == 1 || col0 == 0, "GemvWeights::groups: a column offset for one row only");
+    /// columns `col0..` of `m` rows, a row every `stride` elements.
+    fn groups(&self, words: &[i32], m: usize, a0: u8, groups: std::ops::Range<usize>, out: &mut [i32], col0: usize, stride: usize) {
         let isa = isa();
         let zero_term = |nn: usize| (a0 as i32).wrapping_mul(self.col_sums[nn]);
         let block = if isa == Some(Isa::Avx2) { 2 } else { MAX_ROWS };
         let mut tile = [[0i32; GROUP]; MAX_ROWS];
+        // Several rows (beam search) on AMX where the CPU has it and K fills whole tiles (64
+        // k-values: every decoder product). One row stays on `vpdpbusd`: on AMX a token took
+        // 13.1–13.3 ms against 11.8–12.9 (beam 4: 376–382 → 360–362 ms, interleaved `bench`).
+        let amx = m >= 2 && amx::available() && self.kg % 16 == 0;
+        let mut amx_rows: Option<amx::FewRows> = None;
         for j in groups {
             let w = &self.w[j * self.kg * 4 * GROUP..(j + 1) * self.kg * 4 * GROUP];
             let cols = GROUP.min(self.n - j * GROUP);
             for r0 in (0..m).step_by(block) {
                 let rows = block.min(m - r0);
                 let row = |r: usize| &words[(r0 + r) * self.kg..][..self.kg];
-                // Safety: isa() was checked above; the slices have the lengths the kernels read.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    match (isa, rows) {
-                        // One row: the whole 256-byte step in one pass, a plain forward stream
-                        // (two 128-byte half passes over the group: 137 MB of decoder weights in
-                        // 12.4–13.2 → 9.3–10.7 ms, medians of 30, a stand-alone loop).
-                        (Some(Isa::Avx2), 1) if self.narrow => group_kernel_avx2::<1, false, 8>(w, [row(0)], &mut tile, 0),
-                        (Some(Isa::Avx2), 1) => group_kernel_avx2::<1, true, 8>(w, [row(0)], &mut tile, 0),
-                        // Two rows' 16 accumulators would not fit in 16 ymm: half a group a pass.
-                        (Some(Isa::Avx2), _) if self.narrow => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<2, false, 4>(w, [row(0), row(1)], &mut tile, h)),
-                        (Some(Isa::Avx2), _) => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<2, true, 4>(w, [row(0), row(1)], &mut tile, h)),
-                        (_, 1) => group_kernel::<1>(w, [row(0)], &mut tile),
-                        (_, 2) => group_kernel::<2>(w, [row(0), row(1)], &mut tile),
-                        (_, 3) => group_kernel::<3>(w, [row(0), row(1), row(2)], &mut tile),
-                        _ => group_kernel::<4>(w, [row(0), row(1), row(2), row(3)], &mut tile),
+                if amx {
+                    let cfg = match amx_rows.take() {
+                        Some(c) if c.rows() == rows => c,
+                        other => {
+                            drop(other);
+                            amx::FewRows::configure(rows)
+                        }
+                    };
+                    // Safety: `cfg` is this thread's; `words` holds rows r0.. of 4·kg bytes
+                    // (= 64 · kg/16), and the group's kg steps of 256 bytes lie in `w`.
+                    unsafe { amx::group_rows(&cfg, words[r0 * self.kg..].as_ptr().cast(), 4 * self.kg, w.as_ptr(), self.kg / 16, &mut tile) };
+                    amx_rows = Some(cfg);
+                } else {
+                    // Safety: isa() was checked above; the slices have the lengths the kernels read.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        match (isa, rows) {
+                            // One row: the whole 256-byte step in one pass, a plain forward stream
+                            // (two 128-byte half passes over the group: 137 MB of decoder weights in
+                            // 12.4–13.2 → 9.3–10.7 ms, medians of 30, a stand-alone loop).
+                            (Some(Isa::Avx2), 1) if self.narrow => group_kernel_avx2::<1, false, 8>(w, [row(0)], &mut tile, 0),
+                            (Some(Isa::Avx2), 1) => group_kernel_avx2::<1, true, 8>(w, [row(0)], &mut tile, 0),
+                            // Two rows' 16 accumulators would not fit in 16 ymm: half a group a pass.
+                            (Some(Isa::Avx2), _) if self.narrow => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<2, false, 4>(w, [row(0), row(1)], &mut tile, h)),
+                            (Some(Isa::Avx2), _) => (0..cols.div_ceil(32)).for_each(|h| group_kernel_avx2::<2, true, 4>(w, [row(0), row(1)], &mut tile, h)),
+                            (_, 1) => group_kernel::<1>(w, [row(0)], &mut tile),
+                            (_, 2) => group_kernel::<2>(w, [row(0), row(1)], &mut tile),
+                            (_, 3) => group_kernel::<3>(w, [row(0), row(1), row(2)], &mut tile),
+                            _ => group_kernel::<4>(w, [row(0), row(1), row(2), row(3)], &mut tile),
+                        }
                     }
                 }
                 for (r, acc) in tile.iter().enumerate().take(rows) {
-                    let out_row = &mut out[(r0 + r) * self.n + j * GROUP - col0..][..cols];
+                    let out_row = &mut out[(r0 + r) * stride + j * GROUP - col0..][..cols];
                     for (c, o) in out_row.iter_mut().enumerate() {
                         *o = acc[c].wrapping_sub(zero_term(j * GROUP + c));
                     }

@@ -3,6 +3,7 @@
 //! project's fast layout ([`fast`], written by `vitgpt2-host export`), which a bundle prefers
 //! when it has both. [`open`] gives the [`Captioner`] every device command uses.
 
+pub mod amx;
 pub mod f32_ops;
 pub mod fast;
 pub mod graph;

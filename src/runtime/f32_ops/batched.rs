@@ -13,7 +13,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::{ProductAxes, ProductLayout};
-use crate::runtime::int8::{with_threads, written_f32};
+use crate::runtime::helper_thread;
+use crate::runtime::int8::{on_helper, with_threads, written_f32};
 
 /// `out[batch.., m, n] = Σ_k a[batch.., m, k] · b[batch.., k, n]` for f32 operands whose axes
 /// are given by an `EinSum` (any order, batch axes broadcast), on rten-gemm, the batch indices
@@ -98,16 +99,26 @@ fn products(l: &ProductLayout, a: &[f32], b: &[f32], batches: &[(usize, usize, u
     let lhs = batches.iter().map(|&(oa, _, _)| view(a, oa, [l.md, l.kd], [l.ma, l.ka]).map(GemmInputA::Unpacked)).collect::<TractResult<Vec<_>>>()?;
     let rhs = batches.iter().map(|&(_, ob, _)| view(b, ob, [l.kd, l.nd], [l.kb, l.nb]).map(GemmInputB::Unpacked)).collect::<TractResult<Vec<_>>>()?;
     let gemm = executor();
-    with_threads(l.md, || {
-        if rayon::current_num_threads() > 1 {
-            gemm.batched_gemm_uninit(out, &lhs, &rhs, GemmUninitOptions::default()).map(|_| ())
-        } else {
-            // One after the other here: rayon's pool (batched_gemm_uninit) is for more threads.
-            let each = l.md * l.nd;
-            lhs.iter().zip(&rhs).zip(out.chunks_exact_mut(each)).try_for_each(|((x, y), o)| gemm.gemm_uninit(o, *x, *y, GemmUninitOptions::default()).map(|_| ()))
-        }
-    })
-    .map_err(|e| format_err!("BatchedMatMul: {e:?}"))
+    let each = l.md * l.nd;
+    // Batches `r` one after the other into their slices of `out`.
+    let in_turn = |r: std::ops::Range<usize>, out: &mut [MaybeUninit<f32>]| {
+        lhs[r.clone()].iter().zip(&rhs[r]).zip(out.chunks_exact_mut(each)).try_for_each(|((x, y), o)| gemm.gemm_uninit(o, *x, *y, GemmUninitOptions::default()).map(|_| ()))
+    };
+    let done = if on_helper(l.md) && batches.len() > 1 {
+        // 2 threads: half the heads on the helper thread (see `int8::on_helper`).
+        let [first, second] = helper_thread::join_rows(out, each, in_turn);
+        first.and(second)
+    } else {
+        with_threads(l.md, || {
+            if rayon::current_num_threads() > 1 {
+                gemm.batched_gemm_uninit(out, &lhs, &rhs, GemmUninitOptions::default()).map(|_| ())
+            } else {
+                // One after the other here: rayon's pool (batched_gemm_uninit) is for more threads.
+                in_turn(0..batches.len(), out)
+            }
+        })
+    };
+    done.map_err(|e| format_err!("BatchedMatMul: {e:?}"))
 }
 
 impl TypedOp for BatchedMatMul {

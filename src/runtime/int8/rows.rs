@@ -1,0 +1,181 @@
+//! An [`Int8MatMul`]'s work on a range of rows: the product on rten-gemm's packed weights, the
+//! right zero point's correction and the folded dequantization, so that the encoder's products
+//! (rten-gemm's or AMX's) can run in two halves on [`helper_thread`] (2 threads), each half doing all of its rows'
+//! work, as `GemvWeights::gemm_tiles_map` does for our AVX2 tiles.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use rten_gemm::{GemmInputA, GemmInputB, GemmOptions, GemmUninitOptions, PackedBMatrix, QuantParams};
+use rten_tensor::{Matrix, NdTensorView};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+use super::{executor, helper_thread, Int8MatMul, Weights};
+
+/// `out[r, n] = Σ_k (a[r, k] − a0) · b[k, n]` for `a: [rows, K]` (u8) and many-row weights
+/// (rten-gemm's packed blocks or AMX tiles), every element of `out` (`[rows, N]`) written and
+/// returned as initialized (rten-gemm on the current rayon pool's threads, AMX on this one).
+///
+/// Errors: rten-gemm's (operand sizes), as a tract error.
+pub(super) fn product<'o>(weights: &Weights, a: &[u8], k: usize, a0: u8, out: &'o mut [MaybeUninit<i32>]) -> TractResult<&'o mut [i32]> {
+    match weights {
+        Weights::Packed(packed) => packed_product(packed, a, k, a0, out),
+        Weights::Amx(w) => Ok(w.gemm(a, a0, out)),
+        Weights::Gemv(_) | Weights::Tiles(_) => bail!("Int8MatMul: row product on few-row weights"),
+    }
+}
+
+/// [`product`] on rten-gemm's packed blocks. A kernel whose u8×i8 pair sums saturate at i16
+/// (x86-64 AVX2 without VNNI) is exact on 7-bit left operands: a = (a & 0x7F) + (a & 0x80),
+/// each pair sum of either part within ±32,768 (|127·−128·2| = 32,512; |128·−128·2| = 32,768),
+/// so Σ(a − a0)·b = Σ((a & 0x7F) − a0)·b + Σ(a & 0x80)·b, two exact products.
+fn packed_product<'o>(packed: &PackedBMatrix<i8>, a: &[u8], k: usize, a0: u8, out: &'o mut [MaybeUninit<i32>]) -> TractResult<&'o mut [i32]> {
+    let rows = a.len() / k;
+    let a_zero = vec![a0; rows];
+    let gemm = executor();
+    let split: Option<(Vec<u8>, Vec<u8>)> = gemm.may_saturate().then(|| (a.iter().map(|&v| v & 0x7F).collect(), a.iter().map(|&v| v & 0x80).collect()));
+    let first = split.as_ref().map_or(a, |(lo, _)| &lo[..]);
+    let a_mat: Matrix<u8> = NdTensorView::from_data([rows, k], first);
+    let opts = GemmUninitOptions { a_quant: Some(QuantParams { zero_point: &a_zero }), ..Default::default() };
+    let out = gemm.gemm_uninit(out, GemmInputA::Unpacked(a_mat), GemmInputB::Packed(packed), opts).map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
+    if let Some((_, hi)) = &split {
+        let hi_mat: Matrix<u8> = NdTensorView::from_data([rows, k], &hi[..]);
+        let opts = GemmOptions { beta: 1, ..Default::default() };
+        gemm.gemm(&mut *out, GemmInputA::Unpacked(hi_mat), GemmInputB::Packed(packed), opts).map_err(|e| format_err!("Int8MatMul: {e:?}"))?;
+    }
+    Ok(out)
+}
+
+/// `out[r, n] −= b0[n] · Σ_k (a[r, k] − a0)`: the right operand's zero points, which rten-gemm
+/// ignores for pre-packed weights. Wrapping, like the i32 accumulation of the product itself.
+pub(super) fn subtract_b_zero(out: &mut [i32], a: &[u8], k: usize, a0: u8, b_zero: &[i32]) {
+    for (row, out_row) in a.chunks_exact(k).zip(out.chunks_exact_mut(b_zero.len())) {
+        let centered = row.iter().fold(0i32, |s, &v| s.wrapping_add(v as i32)).wrapping_sub((k as i32).wrapping_mul(a0 as i32));
+        out_row.iter_mut().zip(b_zero.iter()).for_each(|(o, &z)| *o = o.wrapping_sub(z.wrapping_mul(centered)));
+    }
+}
+
+/// How [`Int8MatMul::eval_by_rows`] spreads the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Parts {
+    /// All on the calling thread.
+    One,
+    /// Two halves, one on [`helper_thread`]'s thread (2 threads: `int8::on_helper`).
+    Halves,
+    /// One part per thread of the node's rayon pool (3 or more threads).
+    Pool,
+}
+
+/// Runs `part(rows, out rows)` over `out` (`rows` of `row_len`) as `parts` says; the first
+/// error, if any.
+fn run_parts<T: Send>(out: &mut [T], row_len: usize, parts: Parts, part: impl Fn(Range<usize>, &mut [T]) -> TractResult<()> + Sync) -> TractResult<()> {
+    let rows = out.len() / row_len.max(1);
+    match parts {
+        Parts::One => part(0..rows, out),
+        Parts::Halves => {
+            let [first, second] = helper_thread::join_rows(out, row_len, part);
+            first.and(second)
+        }
+        Parts::Pool => super::with_threads(rows, || {
+            use rayon::prelude::*;
+            let per = rows.div_ceil(rayon::current_num_threads()).max(1);
+            out.par_chunks_mut(per * row_len).enumerate().try_for_each(|(i, o)| part(i * per..i * per + o.len() / row_len, o))
+        }),
+    }
+}
+
+impl Int8MatMul {
+    /// The whole op on `m` rows in parts ([`Parts`]), each part doing all of its rows' work:
+    /// shifting its rows of `a` to u8, the product, the correction for `b0` and the
+    /// dequantization into its rows of the output. Same values as the one-thread rten-gemm path: each row's
+    /// arithmetic is the same, in the same order, and rows are independent.
+    pub(super) fn eval_by_rows(&self, inputs: &TVec<TValue>, m: usize, a0: u8, out_shape: &[usize], parts: Parts) -> TractResult<TValue> {
+        let (k, n) = (self.k, self.n);
+        let a = inputs[0].try_as_plain_ram()?;
+        let (signed, unsigned) = if self.a_signed { (a.as_slice::<i8>()?, &[][..]) } else { (&[][..], a.as_slice::<u8>()?) };
+        // Rows `r` of the left operand as u8 (an i8 v stands for the u8 v + 128, as `a0` does).
+        let left = |r: &Range<usize>| -> std::borrow::Cow<'_, [u8]> {
+            if self.a_signed {
+                signed[r.start * k..r.end * k].iter().map(|&v| (v as u8) ^ 0x80).collect::<Vec<u8>>().into()
+            } else {
+                unsigned[r.start * k..r.end * k].into()
+            }
+        };
+        let Some(ws) = &self.dequantize else {
+            let product = |r: Range<usize>, out: &mut [MaybeUninit<i32>]| -> TractResult<()> {
+                let a = left(&r);
+                let acc = product(&self.weights, &a, k, a0, out)?;
+                if let Some(b_zero) = &self.b_zero {
+                    subtract_b_zero(acc, &a, k, a0, b_zero);
+                }
+                Ok(())
+            };
+            // Safety: every element is written by `product` before it is read (on an
+            // error the tensor is dropped unread).
+            let mut out = unsafe { Tensor::uninitialized::<i32>(out_shape)? };
+            let len = out.len();
+            let ptr = out.as_ptr_mut::<i32>()?.cast::<MaybeUninit<i32>>();
+            let out_uninit = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            run_parts(out_uninit, n, parts, product)?;
+            return Ok(out.into_tvalue());
+        };
+        let s = inputs.last().context("Int8MatMul: missing row scales")?;
+        ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
+        let s = s.try_as_plain_ram()?;
+        let s = s.as_slice::<f32>()?;
+        let dequantized = |r: Range<usize>, y: &mut [MaybeUninit<f32>]| -> TractResult<()> {
+            let a = left(&r);
+            let r0 = r.start;
+            let mut acc = vec![MaybeUninit::uninit(); r.len() * n];
+            let acc = product(&self.weights, &a, k, a0, &mut acc)?;
+            if let Some(b_zero) = &self.b_zero {
+                subtract_b_zero(acc, &a, k, a0, b_zero);
+            }
+            dequantize_rows(acc, &s[r0..], ws, y);
+            Ok(())
+        };
+        let mut result = Ok(());
+        // Safety: each part writes all of its rows of `y`; on an error, `y` is filled with
+        // zeros and then dropped unread.
+        let y = unsafe {
+            written_f32(m * n, |y| {
+                result = run_parts(y, n, parts, dequantized);
+                if result.is_err() {
+                    y.fill(MaybeUninit::new(0.0));
+                }
+            })
+        };
+        result?;
+        Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
+    }
+}
+
+/// `len` f32s written by `fill`: outputs not zeroed first (the encoder's are 80 MB per image,
+/// ~8 ms of zeroing on the calling thread at 10 GB/s, estimated).
+///
+/// # Safety
+/// `fill` must write every element of the slice it is handed.
+pub(crate) unsafe fn written_f32(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut y: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
+    // Safety: MaybeUninit needs no initialization.
+    unsafe { y.set_len(len) };
+    fill(&mut y);
+    let mut y = std::mem::ManuallyDrop::new(y);
+    // Safety: same allocation, length and capacity; `fill` wrote every element (the caller's
+    // promise).
+    unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast(), y.len(), y.capacity()) }
+}
+
+/// `y[r, c] = (acc[r, c] as f32 · s[r]) · ws[c]` for `acc, y: [rows, N]`, `ws: [N]`: the graph's
+/// order and roundings (Cast to f32, × the row's scale, × the column's; [`fuse_dequantize`]).
+/// Writes every element of `y`.
+pub(super) fn dequantize_rows(acc: &[i32], s: &[f32], ws: &[f32], y: &mut [MaybeUninit<f32>]) {
+    let n = ws.len();
+    for ((y_row, acc_row), &sr) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)).zip(s) {
+        y_row.iter_mut().zip(acc_row).zip(ws).for_each(|((y, &acc), &w)| {
+            y.write((acc as f32 * sr) * w);
+        });
+    }
+}
+
