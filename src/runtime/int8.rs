@@ -342,39 +342,6 @@ impl EvalOp for Int8MatMul {
     }
 }
 
-impl Int8MatMul {
-    /// The product on [`GemvWeights::gemm_tiles_map`] (weights without zero points): each
-    /// thread packs its own rows (from i8 directly, no shifted copy on one thread) and
-    /// dequantizes its own rows of the result, so nothing but the product's bookkeeping runs on
-    /// one thread. Same values as the other path: `a − a0` is the same integer either way.
-    fn eval_tiles(&self, w: &GemvWeights, inputs: &TVec<TValue>, m: usize, a0: u8, out_shape: &[usize]) -> TractResult<TValue> {
-        let (k, n) = (self.k, self.n);
-        let a = inputs[0].try_as_plain_ram()?;
-        let (signed, unsigned) = if self.a_signed { (a.as_slice::<i8>()?, &[][..]) } else { (&[][..], a.as_slice::<u8>()?) };
-        // An i8 value v stands for the u8 v + 128 of the other paths (zero point `a0` likewise).
-        let row = |r: usize, dst: &mut [u8]| {
-            if self.a_signed {
-                dst.iter_mut().zip(&signed[r * k..(r + 1) * k]).for_each(|(d, &v)| *d = (v as u8) ^ 0x80);
-            } else {
-                dst.copy_from_slice(&unsigned[r * k..(r + 1) * k]);
-            }
-        };
-        let Some(ws) = &self.dequantize else {
-            let mut out = vec![0i32; m * n];
-            with_threads(m, || w.gemm_tiles_map(m, a0, row, &mut out, |_, acc, out| out.copy_from_slice(acc)));
-            return Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, out)?.into_tvalue());
-        };
-        let s = inputs.last().context("Int8MatMul: missing row scales")?;
-        ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
-        let s = s.try_as_plain_ram()?;
-        let s = s.as_slice::<f32>()?;
-        // Safety: `gemm_tiles_map` hands every row of `y` to one `finish`, and `dequantize_rows`
-        // writes all of it.
-        let y = unsafe { written_f32(m * n, |y| with_threads(m, || w.gemm_tiles_map(m, a0, row, y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y)))) };
-        Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
-    }
-}
-
 impl TypedOp for Int8MatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let a = inputs[0];

@@ -1,7 +1,8 @@
-//! An [`Int8MatMul`]'s work on a range of rows: the product on rten-gemm's packed weights, the
-//! right zero point's correction and the folded dequantization, so that the encoder's products
-//! (rten-gemm's or AMX's) can run in two halves on [`helper_thread`] (2 threads), each half doing all of its rows'
-//! work, as `GemvWeights::gemm_tiles_map` does for our AVX2 tiles.
+//! An [`Int8MatMul`]'s work on a range of rows: the product (rten-gemm's packed weights or AMX
+//! tiles), the right zero point's correction and the folded dequantization, so that the
+//! encoder's products can run in parts (halves on [`helper_thread`] with 2 threads), each part
+//! doing all of its rows' work — as our AVX2 tiles' `eval_tiles` (here too) does through
+//! `GemvWeights::gemm_tiles_map`.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -11,7 +12,7 @@ use rten_tensor::{Matrix, NdTensorView};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::{executor, helper_thread, Int8MatMul, Weights};
+use super::{executor, helper_thread, with_threads, GemvWeights, Int8MatMul, Weights};
 
 /// `out[r, n] = Σ_k (a[r, k] − a0) · b[k, n]` for `a: [rows, K]` (u8) and many-row weights
 /// (rten-gemm's packed blocks or AMX tiles), every element of `out` (`[rows, N]`) written and
@@ -77,7 +78,7 @@ fn run_parts<T: Send>(out: &mut [T], row_len: usize, parts: Parts, part: impl Fn
             let [first, second] = helper_thread::join_rows(out, row_len, part);
             first.and(second)
         }
-        Parts::Pool => super::with_threads(rows, || {
+        Parts::Pool => with_threads(rows, || {
             use rayon::prelude::*;
             let per = rows.div_ceil(rayon::current_num_threads()).max(1);
             out.par_chunks_mut(per * row_len).enumerate().try_for_each(|(i, o)| part(i * per..i * per + o.len() / row_len, o))
@@ -147,6 +148,39 @@ impl Int8MatMul {
             })
         };
         result?;
+        Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
+    }
+}
+
+impl Int8MatMul {
+    /// The product on [`GemvWeights::gemm_tiles_map`] (weights without zero points): each
+    /// thread packs its own rows (from i8 directly, no shifted copy on one thread) and
+    /// dequantizes its own rows of the result, so nothing but the product's bookkeeping runs on
+    /// one thread. Same values as the other path: `a − a0` is the same integer either way.
+    pub(super) fn eval_tiles(&self, w: &GemvWeights, inputs: &TVec<TValue>, m: usize, a0: u8, out_shape: &[usize]) -> TractResult<TValue> {
+        let (k, n) = (self.k, self.n);
+        let a = inputs[0].try_as_plain_ram()?;
+        let (signed, unsigned) = if self.a_signed { (a.as_slice::<i8>()?, &[][..]) } else { (&[][..], a.as_slice::<u8>()?) };
+        // An i8 value v stands for the u8 v + 128 of the other paths (zero point `a0` likewise).
+        let row = |r: usize, dst: &mut [u8]| {
+            if self.a_signed {
+                dst.iter_mut().zip(&signed[r * k..(r + 1) * k]).for_each(|(d, &v)| *d = (v as u8) ^ 0x80);
+            } else {
+                dst.copy_from_slice(&unsigned[r * k..(r + 1) * k]);
+            }
+        };
+        let Some(ws) = &self.dequantize else {
+            let mut out = vec![0i32; m * n];
+            with_threads(m, || w.gemm_tiles_map(m, a0, row, &mut out, |_, acc, out| out.copy_from_slice(acc)));
+            return Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, out)?.into_tvalue());
+        };
+        let s = inputs.last().context("Int8MatMul: missing row scales")?;
+        ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
+        let s = s.try_as_plain_ram()?;
+        let s = s.as_slice::<f32>()?;
+        // Safety: `gemm_tiles_map` hands every row of `y` to one `finish`, and `dequantize_rows`
+        // writes all of it.
+        let y = unsafe { written_f32(m * n, |y| with_threads(m, || w.gemm_tiles_map(m, a0, row, y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y)))) };
         Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
     }
 }
