@@ -134,7 +134,14 @@ pub(crate) fn with_threads<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -
 /// splits, and only where rayon's own pool is not in use (in the node it never is: the
 /// global pool has one thread, so rten-gemm runs each half on its own thread).
 pub(crate) fn on_helper(rows: usize) -> bool {
-    rows >= PARALLEL_MIN_ROWS && threads() == 2 && rayon::current_num_threads() == 1 && helper_split_enabled()
+    rows >= PARALLEL_MIN_ROWS && helper_takes(threads()) && rayon::current_num_threads() == 1
+}
+
+/// Whether, at `threads` threads, the parallel ops of ours take the helper thread rather than
+/// rayon's pool (2 threads, `VITGPT2_HELPER_SPLIT` not 0); `runtime::set_threads` then keeps
+/// tract's own element-wise ops single-threaded too.
+pub fn helper_takes(threads: usize) -> bool {
+    threads == 2 && helper_split_enabled()
 }
 
 /// `VITGPT2_HELPER_SPLIT=0` keeps the many-row ops on rayon's pool (for comparison).

@@ -59,8 +59,15 @@ pub struct LoadOptions {
 /// How many threads the matrix products use (tract's and the int8 ones on rten-gemm, see
 /// [`int8::set_threads`]); 1 keeps them single-threaded (tract's default).
 pub fn set_threads(threads: usize) {
-    use tract_linalg::multithread::{set_default_executor, Executor};
+    use tract_linalg::multithread::{current_threading_element_threshold, set_default_executor, set_threading_element_threshold, Executor};
+    static TRACTS_THRESHOLD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let tracts_threshold = *TRACTS_THRESHOLD.get_or_init(current_threading_element_threshold);
     int8::set_threads(threads);
+    // With 2 threads our ops split on the helper thread; tract's own element-wise ones (residual
+    // adds, layer norms, reductions) through rayon's pool were slower than on one thread, its
+    // workers sleeping between ops, so they stay on one (README "Performance"). Its matrix
+    // products (an fp32 graph's) still split across the pool.
+    set_threading_element_threshold(if int8::helper_takes(threads) { usize::MAX } else { tracts_threshold });
     if threads > 1 {
         set_default_executor(int8::thread_pool(threads).map_or_else(|| Executor::multithread(threads), Executor::MultiThread));
     } else {
