@@ -129,7 +129,7 @@ impl AmxWeights {
             // the pair's `2 · k_tiles` weight tiles lie inside `self.tiles` (K·N bytes); each
             // call reads 16 or 32 whole rows of `a` (rows below `whole`) or of `tail` (16), and
             // writes 16 or 32 rows of 32 i32 at stride N into `out` (rows below `whole`) or at
-            // stride 32 into `tail_out` (16 rows).
+            // stride 32 into `tail_out` (16 rows), whose real rows are copied into `out`.
             unsafe {
                 let b0 = self.tiles.as_ptr().add(2 * pair * k_tiles * TILE_BYTES);
                 let b1 = b0.add(k_tiles * TILE_BYTES);
@@ -143,11 +143,12 @@ impl AmxWeights {
                 }
                 if whole < rows {
                     kernel::<1>(tail.as_ptr(), k, b0, b1, k_tiles, tail_out.as_mut_ptr(), 4 * 2 * TILE_N);
+                    // Through `base` too (no new borrow of `out` while `base` is in use): the
+                    // real tail rows' 32 sums each, inside `out`.
+                    for (i, sums) in tail_out.chunks_exact(2 * TILE_N).take(rows - whole).enumerate() {
+                        std::ptr::copy_nonoverlapping(sums.as_ptr(), base.add((whole + i) * n + col), 2 * TILE_N);
+                    }
                 }
-            }
-            for (i, sums) in tail_out.chunks_exact(2 * TILE_N).take(rows - whole).enumerate() {
-                let dst = &mut out[(whole + i) * n + col..][..2 * TILE_N];
-                dst.iter_mut().zip(sums).for_each(|(d, &s)| _ = d.write(s));
             }
         }
         // Safety: every element was written above (rows below `whole` by the kernel, the
