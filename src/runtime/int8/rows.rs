@@ -103,15 +103,17 @@ impl Int8MatMul {
                 unsigned[r.start * k..r.end * k].into()
             }
         };
+        // Rows `r`'s i32 sums into `acc` (all of it written), b0's correction taken off.
+        let sums = |r: &Range<usize>, acc: &mut [MaybeUninit<i32>]| -> TractResult<()> {
+            let a = left(r);
+            let acc = product(&self.weights, &a, k, a0, acc)?;
+            if let Some(b_zero) = &self.b_zero {
+                subtract_b_zero(acc, &a, k, a0, b_zero);
+            }
+            Ok(())
+        };
         let Some(ws) = &self.dequantize else {
-            let product = |r: Range<usize>, out: &mut [MaybeUninit<i32>]| -> TractResult<()> {
-                let a = left(&r);
-                let acc = product(&self.weights, &a, k, a0, out)?;
-                if let Some(b_zero) = &self.b_zero {
-                    subtract_b_zero(acc, &a, k, a0, b_zero);
-                }
-                Ok(())
-            };
+            let product = |r: Range<usize>, out: &mut [MaybeUninit<i32>]| sums(&r, out);
             // Safety: every element is written by `product` before it is read (on an
             // error the tensor is dropped unread).
             let mut out = unsafe { Tensor::uninitialized::<i32>(out_shape)? };
@@ -126,14 +128,11 @@ impl Int8MatMul {
         let s = s.try_as_plain_ram()?;
         let s = s.as_slice::<f32>()?;
         let dequantized = |r: Range<usize>, y: &mut [MaybeUninit<f32>]| -> TractResult<()> {
-            let a = left(&r);
-            let r0 = r.start;
             let mut acc = vec![MaybeUninit::uninit(); r.len() * n];
-            let acc = product(&self.weights, &a, k, a0, &mut acc)?;
-            if let Some(b_zero) = &self.b_zero {
-                subtract_b_zero(acc, &a, k, a0, b_zero);
-            }
-            dequantize_rows(acc, &s[r0..], ws, y);
+            sums(&r, &mut acc)?;
+            // Safety: `sums` wrote every element of `acc`.
+            let acc = unsafe { std::slice::from_raw_parts(acc.as_ptr().cast::<i32>(), acc.len()) };
+            dequantize_rows(acc, &s[r.start..], ws, y);
             Ok(())
         };
         let mut result = Ok(());
