@@ -20,6 +20,7 @@
 //! Documentation/arch/x86/xstate.rst); [`available`] asks once and says no where it is refused.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::weight_memory::WeightBuf;
@@ -97,69 +98,130 @@ impl AmxWeights {
         AmxWeights { k, n, tiles, col_sums }
     }
 
-    /// `out[r, n] = Σ_k (a[r, k] − a0) · b[k, n]` for `a: [rows, K]` (u8), in wrapping i32
-    /// (exact: no product or partial sum saturates). Writes every element of `out`
-    /// (`[rows, N]`) and returns it as initialized. One thread; call only where
-    /// [`available`] said yes.
-    ///
-    /// The tiles are stored straight into `out` (the last rows through a buffer). Tried and
-    /// lost: dequantizing each 32 × 32 block from an L1 buffer right after its store (no i32
-    /// result): the 2-thread encoder 55–57 → 64–66 ms, interleaved `bench` pairs.
+    /// The right operand's columns (N).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `out[r, n] = Σ_k (a[r, k] − a0) · b[k, n]` for `a: [rows, K]`, in wrapping i32 (exact:
+    /// no product or partial sum saturates), `a0` in the left operand's own terms (u8 0–255,
+    /// i8 −128–127). Writes every element of `out` (`[rows, N]`) and returns it as
+    /// initialized. One thread; call only where [`available`] said yes.
     ///
     /// Panics if the operand sizes disagree (a caller's bug) or without AMX.
-    pub fn gemm<'o>(&self, a: &[u8], a0: u8, out: &'o mut [MaybeUninit<i32>]) -> &'o mut [i32] {
+    pub fn gemm<'o>(&self, a: Left<'_>, a0: i32, out: &'o mut [MaybeUninit<i32>]) -> &'o mut [i32] {
+        let rows = a.len() / self.k;
+        assert!(out.len() == rows * self.n, "AmxWeights::gemm: operand sizes");
+        let base = out.as_mut_ptr().cast::<i32>();
+        // Safety: `out` holds the `[rows, N]` result, borrowed here alone.
+        unsafe {
+            self.gemm_columns(a, a0, 0..self.n, base);
+            std::slice::from_raw_parts_mut(base, rows * self.n)
+        }
+    }
+
+    /// [`gemm`](Self::gemm) on the columns `cols` only (their ends multiples of
+    /// [`COLUMN_STEP`]), written into the `[rows, N]` i32 matrix at `out`: so that threads can
+    /// each take a range of columns, each reading only its share of the weights (the rows split
+    /// instead, each thread read them all and the 197 rows' tail tile was paid twice). An i8 left
+    /// operand is multiplied as it lies (`TDPBSSD`, i8 × i8), a u8 one by `TDPBUSD`.
+    ///
+    /// # Safety
+    /// `out` is valid for writes of `rows · N` i32 (`rows = a.len() / K`), and no other thread
+    /// reads or writes its columns `cols` meanwhile. Panics as [`gemm`](Self::gemm) does, or if
+    /// `cols` is not a range of whole column steps.
+    pub unsafe fn gemm_columns(&self, a: Left<'_>, a0: i32, cols: Range<usize>, out: *mut i32) {
         let (k, n) = (self.k, self.n);
-        let rows = a.len() / k;
-        assert!(a.len() == rows * k && out.len() == rows * n, "AmxWeights::gemm: operand sizes");
+        let (bytes, signed) = a.bytes();
+        let rows = bytes.len() / k;
+        assert!(bytes.len() == rows * k, "AmxWeights::gemm: operand sizes");
+        assert!(cols.start % COLUMN_STEP == 0 && cols.end % COLUMN_STEP == 0 && cols.end <= n, "AmxWeights::gemm: columns {cols:?} of {n}");
         assert!(available(), "AmxWeights::gemm without AMX");
         let k_tiles = k / TILE_K;
         let whole = rows / TILE_ROWS * TILE_ROWS;
-        // The last rows (fewer than a tile) padded with zeros, and where their sums land.
+        // The last rows (fewer than a tile) padded with zeros (0 in u8 and i8 alike), and where
+        // their sums land.
         let tail: Vec<u8> = {
-            let mut t = a[whole * k..].to_vec();
+            let mut t = bytes[whole * k..].to_vec();
             t.resize(TILE_ROWS * k, 0);
             t
         };
-        let mut tail_out = vec![0i32; TILE_ROWS * 2 * TILE_N];
-        let base = out.as_mut_ptr().cast::<i32>();
+        let mut tail_out = vec![0i32; TILE_ROWS * COLUMN_STEP];
+        let (two, one): (Kernel, Kernel) = if signed { (kernel_i8::<2>, kernel_i8::<1>) } else { (kernel_u8::<2>, kernel_u8::<1>) };
         let _tiles = Tiles::configure();
-        for pair in 0..n / (2 * TILE_N) {
-            let col = 2 * pair * TILE_N;
-            // Safety (here and in every `kernel` call below): tiles are configured (`_tiles`);
+        for pair in cols.start / COLUMN_STEP..cols.end / COLUMN_STEP {
+            let col = pair * COLUMN_STEP;
+            // Safety (here and in every kernel call below): tiles are configured (`_tiles`);
             // the pair's `2 · k_tiles` weight tiles lie inside `self.tiles` (K·N bytes); each
             // call reads 16 or 32 whole rows of `a` (rows below `whole`) or of `tail` (16), and
-            // writes 16 or 32 rows of 32 i32 at stride N into `out` (rows below `whole`) or at
-            // stride 32 into `tail_out` (16 rows), whose real rows are copied into `out`.
+            // writes 16 or 32 rows of 32 i32 at stride N into `out` (rows below `whole`: the
+            // caller's promise) or at stride 32 into `tail_out` (16 rows), whose real rows are
+            // copied into `out`.
             unsafe {
                 let b0 = self.tiles.as_ptr().add(2 * pair * k_tiles * TILE_BYTES);
                 let b1 = b0.add(k_tiles * TILE_BYTES);
                 let mut r = 0;
                 while r + 2 * TILE_ROWS <= whole {
-                    kernel::<2>(a.as_ptr().add(r * k), k, b0, b1, k_tiles, base.add(r * n + col), 4 * n);
+                    two(bytes.as_ptr().add(r * k), k, b0, b1, k_tiles, out.add(r * n + col), 4 * n);
                     r += 2 * TILE_ROWS;
                 }
                 if r < whole {
-                    kernel::<1>(a.as_ptr().add(r * k), k, b0, b1, k_tiles, base.add(r * n + col), 4 * n);
+                    one(bytes.as_ptr().add(r * k), k, b0, b1, k_tiles, out.add(r * n + col), 4 * n);
                 }
                 if whole < rows {
-                    kernel::<1>(tail.as_ptr(), k, b0, b1, k_tiles, tail_out.as_mut_ptr(), 4 * 2 * TILE_N);
-                    // Through `base` too (no new borrow of `out` while `base` is in use): the
-                    // real tail rows' 32 sums each, inside `out`.
-                    for (i, sums) in tail_out.chunks_exact(2 * TILE_N).take(rows - whole).enumerate() {
-                        std::ptr::copy_nonoverlapping(sums.as_ptr(), base.add((whole + i) * n + col), 2 * TILE_N);
+                    one(tail.as_ptr(), k, b0, b1, k_tiles, tail_out.as_mut_ptr(), 4 * COLUMN_STEP);
+                    for (i, sums) in tail_out.chunks_exact(COLUMN_STEP).take(rows - whole).enumerate() {
+                        std::ptr::copy_nonoverlapping(sums.as_ptr(), out.add((whole + i) * n + col), COLUMN_STEP);
                     }
                 }
             }
         }
-        // Safety: every element was written above (rows below `whole` by the kernel, the
-        // others from `tail_out`).
-        let out = unsafe { std::slice::from_raw_parts_mut(base, rows * n) };
         if a0 != 0 {
-            for row in out.chunks_exact_mut(n) {
-                row.iter_mut().zip(&self.col_sums).for_each(|(o, &s)| *o = o.wrapping_sub((a0 as i32).wrapping_mul(s)));
+            let sums = &self.col_sums[cols.clone()];
+            for r in 0..rows {
+                // Safety: row r's columns `cols`, written above, this call's alone.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * n + cols.start), cols.len()) };
+                row.iter_mut().zip(sums).for_each(|(o, &s)| *o = o.wrapping_sub(a0.wrapping_mul(s)));
             }
         }
-        out
+    }
+}
+
+/// Columns per kernel call (two output tiles): column ranges of [`AmxWeights::gemm_columns`]
+/// start and end at multiples of this.
+pub const COLUMN_STEP: usize = 2 * TILE_N;
+
+/// The left operand of [`AmxWeights::gemm`], `[rows, K]`, as the graph holds it.
+#[derive(Debug, Clone, Copy)]
+pub enum Left<'a> {
+    U8(&'a [u8]),
+    I8(&'a [i8]),
+}
+
+impl Left<'_> {
+    /// How many values.
+    pub fn len(&self) -> usize {
+        match self {
+            Left::U8(a) => a.len(),
+            Left::I8(a) => a.len(),
+        }
+    }
+
+    /// `Σ_k a[r, k]` for each row of `k` values.
+    pub fn row_sums(&self, k: usize) -> Vec<i32> {
+        match self {
+            Left::U8(a) => a.chunks_exact(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect(),
+            Left::I8(a) => a.chunks_exact(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect(),
+        }
+    }
+
+    /// The values' bytes, and whether they are signed.
+    fn bytes(&self) -> (&[u8], bool) {
+        match *self {
+            Left::U8(a) => (a, false),
+            // Safety: i8 and u8 have the same size and alignment, every bit pattern valid.
+            Left::I8(a) => (unsafe { std::slice::from_raw_parts(a.as_ptr().cast::<u8>(), a.len()) }, true),
+        }
     }
 }
 
@@ -280,92 +342,103 @@ pub unsafe fn group_rows(cfg: &FewRows, a: *const u8, a_stride: usize, group: *c
     let _ = (a, a_stride, group, k_tiles);
 }
 
-/// `c[r, 0..32] = Σ_k a[r, k] · b[k, 0..32]` for `R` × 16 rows (`R` = 1 or 2): `a` at stride
+/// A tile kernel: `(a, a_stride, b0, b1, k_tiles, c, c_stride)` (see [`tile_kernel`]).
+type Kernel = unsafe fn(*const u8, usize, *const i8, *const i8, usize, *mut i32, usize);
+
+/// Defines `$name::<R>`: `c[r, 0..32] = Σ_k a[r, k] · b[k, 0..32]` for `R` × 16 rows (`R` = 1 or
+/// 2) with the tile product `$dp` (`tdpbusd`: u8 left, `tdpbssd`: i8 left): `a` at stride
 /// `a_stride` bytes, the two weight column blocks `b0`, `b1` (`k_tiles` tiles each), `c` at
 /// stride `c_stride` bytes.
 ///
-/// # Safety
+/// # Safety (of the function defined)
 /// Tiles configured on this thread; every address read or written in bounds (see the caller).
-#[cfg(target_arch = "x86_64")]
-#[inline(never)]
-unsafe fn kernel<const R: usize>(a: *const u8, a_stride: usize, b0: *const i8, b1: *const i8, k_tiles: usize, c: *mut i32, c_stride: usize) {
-    use std::arch::asm;
-    if R == 2 {
-        unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "2:",
-                "tileloadd tmm4, [{a0} + {sa} * 1]",
-                "tileloadd tmm6, [{b0} + {sb} * 1]",
-                "tileloadd tmm7, [{b1} + {sb} * 1]",
-                "tdpbusd tmm0, tmm4, tmm6",
-                "tileloadd tmm5, [{a1} + {sa} * 1]",
-                "tdpbusd tmm1, tmm4, tmm7",
-                "tdpbusd tmm2, tmm5, tmm6",
-                "tdpbusd tmm3, tmm5, tmm7",
-                "add {a0}, 64",
-                "add {a1}, 64",
-                "add {b0}, 1024",
-                "add {b1}, 1024",
-                "dec {kt}",
-                "jnz 2b",
-                "tilestored [{c0} + {sc} * 1], tmm0",
-                "tilestored [{c0} + {sc} * 1 + 64], tmm1",
-                "tilestored [{c1} + {sc} * 1], tmm2",
-                "tilestored [{c1} + {sc} * 1 + 64], tmm3",
-                a0 = inout(reg) a => _,
-                a1 = inout(reg) a.add(TILE_ROWS * a_stride) => _,
-                b0 = inout(reg) b0 => _,
-                b1 = inout(reg) b1 => _,
-                kt = inout(reg) k_tiles => _,
-                sa = in(reg) a_stride,
-                sb = in(reg) TILE_K,
-                c0 = in(reg) c,
-                c1 = in(reg) c.byte_add(TILE_ROWS * c_stride),
-                sc = in(reg) c_stride,
-                options(nostack),
-            );
+macro_rules! tile_kernel {
+    ($name:ident, $dp:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[inline(never)]
+        unsafe fn $name<const R: usize>(a: *const u8, a_stride: usize, b0: *const i8, b1: *const i8, k_tiles: usize, c: *mut i32, c_stride: usize) {
+            use std::arch::asm;
+            if R == 2 {
+                unsafe {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        "2:",
+                        "tileloadd tmm4, [{a0} + {sa} * 1]",
+                        "tileloadd tmm6, [{b0} + {sb} * 1]",
+                        "tileloadd tmm7, [{b1} + {sb} * 1]",
+                        concat!($dp, " tmm0, tmm4, tmm6"),
+                        "tileloadd tmm5, [{a1} + {sa} * 1]",
+                        concat!($dp, " tmm1, tmm4, tmm7"),
+                        concat!($dp, " tmm2, tmm5, tmm6"),
+                        concat!($dp, " tmm3, tmm5, tmm7"),
+                        "add {a0}, 64",
+                        "add {a1}, 64",
+                        "add {b0}, 1024",
+                        "add {b1}, 1024",
+                        "dec {kt}",
+                        "jnz 2b",
+                        "tilestored [{c0} + {sc} * 1], tmm0",
+                        "tilestored [{c0} + {sc} * 1 + 64], tmm1",
+                        "tilestored [{c1} + {sc} * 1], tmm2",
+                        "tilestored [{c1} + {sc} * 1 + 64], tmm3",
+                        a0 = inout(reg) a => _,
+                        a1 = inout(reg) a.add(TILE_ROWS * a_stride) => _,
+                        b0 = inout(reg) b0 => _,
+                        b1 = inout(reg) b1 => _,
+                        kt = inout(reg) k_tiles => _,
+                        sa = in(reg) a_stride,
+                        sb = in(reg) TILE_K,
+                        c0 = in(reg) c,
+                        c1 = in(reg) c.byte_add(TILE_ROWS * c_stride),
+                        sc = in(reg) c_stride,
+                        options(nostack),
+                    );
+                }
+            } else {
+                unsafe {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "2:",
+                        "tileloadd tmm4, [{a0} + {sa} * 1]",
+                        "tileloadd tmm6, [{b0} + {sb} * 1]",
+                        "tileloadd tmm7, [{b1} + {sb} * 1]",
+                        concat!($dp, " tmm0, tmm4, tmm6"),
+                        concat!($dp, " tmm1, tmm4, tmm7"),
+                        "add {a0}, 64",
+                        "add {b0}, 1024",
+                        "add {b1}, 1024",
+                        "dec {kt}",
+                        "jnz 2b",
+                        "tilestored [{c0} + {sc} * 1], tmm0",
+                        "tilestored [{c0} + {sc} * 1 + 64], tmm1",
+                        a0 = inout(reg) a => _,
+                        b0 = inout(reg) b0 => _,
+                        b1 = inout(reg) b1 => _,
+                        kt = inout(reg) k_tiles => _,
+                        sa = in(reg) a_stride,
+                        sb = in(reg) TILE_K,
+                        c0 = in(reg) c,
+                        sc = in(reg) c_stride,
+                        options(nostack),
+                    );
+                }
+            }
         }
-    } else {
-        unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "2:",
-                "tileloadd tmm4, [{a0} + {sa} * 1]",
-                "tileloadd tmm6, [{b0} + {sb} * 1]",
-                "tileloadd tmm7, [{b1} + {sb} * 1]",
-                "tdpbusd tmm0, tmm4, tmm6",
-                "tdpbusd tmm1, tmm4, tmm7",
-                "add {a0}, 64",
-                "add {b0}, 1024",
-                "add {b1}, 1024",
-                "dec {kt}",
-                "jnz 2b",
-                "tilestored [{c0} + {sc} * 1], tmm0",
-                "tilestored [{c0} + {sc} * 1 + 64], tmm1",
-                a0 = inout(reg) a => _,
-                b0 = inout(reg) b0 => _,
-                b1 = inout(reg) b1 => _,
-                kt = inout(reg) k_tiles => _,
-                sa = in(reg) a_stride,
-                sb = in(reg) TILE_K,
-                c0 = in(reg) c,
-                sc = in(reg) c_stride,
-                options(nostack),
-            );
+
+        /// No AMX off x86-64 ([`available`] is false there, so this is never called).
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe fn $name<const R: usize>(_: *const u8, _: usize, _: *const i8, _: *const i8, _: usize, _: *mut i32, _: usize) {
+            unreachable!("AMX kernel off x86-64")
         }
-    }
+    };
 }
 
-/// No AMX off x86-64 ([`available`] is false there, so this is never called).
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel<const R: usize>(_: *const u8, _: usize, _: *const i8, _: *const i8, _: usize, _: *mut i32, _: usize) {
-    unreachable!("AMX kernel off x86-64")
-}
+tile_kernel!(kernel_u8, "tdpbusd");
+tile_kernel!(kernel_i8, "tdpbssd");
 
 #[cfg(test)]
 mod tests {
@@ -404,8 +477,19 @@ mod tests {
             let w = AmxWeights::new(k, n, &b, n, 1);
             for a0 in [0u8, 3, 128, 255] {
                 let mut out = vec![MaybeUninit::uninit(); rows * n];
-                let got = w.gemm(&a, a0, &mut out).to_vec();
-                assert_eq!(got, reference(&a, a0, &b, k, n), "rows {rows}, K {k}, N {n}, a0 {a0}");
+                let got = w.gemm(Left::U8(&a), a0 as i32, &mut out).to_vec();
+                assert_eq!(got, reference(&a, a0, &b, k, n), "u8 left: rows {rows}, K {k}, N {n}, a0 {a0}");
+                // The same values as i8 (v − 128, zero point alike): the same differences.
+                let signed: Vec<i8> = a.iter().map(|&v| (v ^ 0x80) as i8).collect();
+                let got = w.gemm(Left::I8(&signed), a0 as i32 - 128, &mut out).to_vec();
+                assert_eq!(got, reference(&a, a0, &b, k, n), "i8 left: rows {rows}, K {k}, N {n}, a0 {a0}");
+                // In column parts, as threads take them: the first step's columns, then the rest.
+                let mut parts = vec![0i32; rows * n];
+                for cols in [0..COLUMN_STEP, COLUMN_STEP..n] {
+                    // Safety: `parts` holds `[rows, N]`, used by nothing else meanwhile.
+                    unsafe { w.gemm_columns(Left::I8(&signed), a0 as i32 - 128, cols, parts.as_mut_ptr()) };
+                }
+                assert_eq!(parts, reference(&a, a0, &b, k, n), "in column parts: rows {rows}, K {k}, N {n}, a0 {a0}");
             }
         }
     }

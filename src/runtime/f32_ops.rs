@@ -417,7 +417,10 @@ impl EvalOp for FewRowMatMul {
 
 impl FewRowMatMul {
     fn products(&self, l: ProductLayout, a: &[f32], b: &[f32]) -> TractResult<TVec<TValue>> {
-        let mut out = vec![0f32; l.shape.iter().product()];
+        // A tensor of tract's own (an ndarray handed over would be copied).
+        let mut out_tensor = Tensor::zero::<f32>(&l.shape)?;
+        let mut out_view = out_tensor.try_as_plain_ram_mut()?;
+        let out = out_view.as_slice_mut::<f32>()?;
         let (kd, nd) = (l.kd, l.nd);
         for (oa, ob, oo) in l.batches() {
             for mi in 0..l.md {
@@ -444,7 +447,8 @@ impl FewRowMatMul {
                 }
             }
         }
-        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(l.shape, out)?.into_tensor().into_tvalue()])
+        drop(out_view);
+        Ok(tvec![out_tensor.into_tvalue()])
     }
 }
 

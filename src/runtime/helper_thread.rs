@@ -169,6 +169,59 @@ pub fn join_rows<T: Send, R: Send>(out: &mut [T], row_len: usize, f: impl Fn(Ran
     }
 }
 
+/// A slice that parts running at once (on the helper, on rayon's pool) write through, each
+/// only its own elements: columns of a matrix, an attention head's scattered outputs.
+#[derive(Debug)]
+pub struct Disjoint<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _data: std::marker::PhantomData<&'a mut [T]>,
+}
+
+impl<T> Clone for Disjoint<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Disjoint<'_, T> {}
+
+// Safety: the parts touch disjoint elements (`slice`'s contract) of data that outlives them.
+unsafe impl<T: Send> Send for Disjoint<'_, T> {}
+unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
+
+impl<'a, T> Disjoint<'a, T> {
+    pub fn new(data: &'a mut [T]) -> Self {
+        Disjoint { ptr: data.as_mut_ptr(), len: data.len(), _data: std::marker::PhantomData }
+    }
+
+    /// The first element's address, for writers that take a pointer (each part still only its
+    /// own elements).
+    pub fn as_mut_ptr(&self) -> *mut T {
+        self.ptr
+    }
+
+    /// Writes element `i`.
+    ///
+    /// # Safety
+    /// No one else reads or writes it meanwhile.
+    pub unsafe fn write(&self, i: usize, v: T) {
+        assert!(i < self.len, "Disjoint::write: {i} of {}", self.len);
+        // Safety: in bounds (checked); exclusive (the caller's promise).
+        unsafe { self.ptr.add(i).write(v) }
+    }
+
+    /// The elements `r`.
+    ///
+    /// # Safety
+    /// No one else reads or writes any of them while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, r: Range<usize>) -> &'a mut [T] {
+        assert!(r.start <= r.end && r.end <= self.len, "Disjoint::slice: {r:?} of {}", self.len);
+        // Safety: in bounds (checked); exclusive (the caller's promise).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len()) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};

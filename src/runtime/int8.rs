@@ -34,9 +34,10 @@ use super::graph::swap_node;
 use super::amx::{self, AmxWeights};
 use super::helper_thread;
 use super::int8_gemv::{self, GemvWeights};
-pub(crate) use rows::written_f32;
+pub(crate) use rows::written_tensor;
 use rows::dequantize_rows;
 
+mod columns;
 mod rows;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -283,17 +284,21 @@ impl EvalOp for Int8MatMul {
         if let (Weights::Tiles(w), None) = (&self.weights, &self.b_zero) {
             return Ok(tvec![self.eval_tiles(w, &inputs, m, a0, &out_shape)?]);
         }
-        // AMX always by rows (its dequantization rides on the product); rten-gemm where the
-        // helper thread takes half (otherwise below, rten-gemm spreading its own blocks).
+        // AMX always in parts of columns (its dequantization rides on the product); rten-gemm
+        // in parts of rows where the helper thread takes half (otherwise below, rten-gemm
+        // spreading its own blocks).
         let halves = on_helper(m);
-        if matches!(self.weights, Weights::Amx(_)) || (halves && matches!(self.weights, Weights::Packed(_))) {
-            let parts = if halves {
-                rows::Parts::Halves
-            } else if m >= PARALLEL_MIN_ROWS && threads() > 1 {
-                rows::Parts::Pool
-            } else {
-                rows::Parts::One
-            };
+        let parts = if halves {
+            rows::Parts::Halves
+        } else if m >= PARALLEL_MIN_ROWS && threads() > 1 {
+            rows::Parts::Pool
+        } else {
+            rows::Parts::One
+        };
+        if let Weights::Amx(w) = &self.weights {
+            return Ok(tvec![self.eval_columns(w, &inputs, m, a0, &out_shape, parts)?]);
+        }
+        if halves && matches!(self.weights, Weights::Packed(_)) {
             return Ok(tvec![self.eval_by_rows(&inputs, m, a0, &out_shape, parts)?]);
         }
         let a_ram = a.try_as_plain_ram()?;
@@ -305,22 +310,29 @@ impl EvalOp for Int8MatMul {
             a_ram.as_slice::<u8>()?
         };
         let mut out = match &self.weights {
+            // Zeroed tensors of tract's own (an ndarray handed over would be copied).
             Weights::Gemv(w) => {
-                let mut out = vec![0i32; m * self.n];
+                let mut out = Tensor::zero::<i32>(&out_shape)?;
+                let mut view = out.try_as_plain_ram_mut()?;
+                let sums = view.as_slice_mut::<i32>()?;
                 // With 2+ threads: the columns halved with a helper thread that stays awake
                 // through the step (split across rayon's pool, a token got slower: 19 → 27 ms,
                 // the workers' wake-ups costing more than the second core's bandwidth).
                 if threads() > 1 {
-                    w.gemm_on_two(a_u8, m, a0, &mut out);
+                    w.gemm_on_two(a_u8, m, a0, sums);
                 } else {
-                    w.gemm(a_u8, m, a0, &mut out);
+                    w.gemm(a_u8, m, a0, sums);
                 }
-                tract_ndarray::ArrayD::from_shape_vec(&*out_shape, out)?.into_tensor()
+                drop(view);
+                out
             }
             Weights::Tiles(w) => {
-                let mut out = vec![0i32; m * self.n];
-                with_threads(m, || w.gemm_tiles(a_u8, m, a0, &mut out));
-                tract_ndarray::ArrayD::from_shape_vec(&*out_shape, out)?.into_tensor()
+                let mut out = Tensor::zero::<i32>(&out_shape)?;
+                let mut view = out.try_as_plain_ram_mut()?;
+                let sums = view.as_slice_mut::<i32>()?;
+                with_threads(m, || w.gemm_tiles(a_u8, m, a0, sums));
+                drop(view);
+                out
             }
             Weights::Packed(_) | Weights::Amx(_) => {
                 // Safety: the buffer is handed to gemm_uninit as MaybeUninit, which writes every
@@ -344,8 +356,8 @@ impl EvalOp for Int8MatMul {
         let s = s.try_as_plain_ram()?;
         let s = s.as_slice::<f32>()?;
         // Safety: `dequantize_rows` writes every row of `y` (`out_data` has all `m`).
-        let y = unsafe { written_f32(m * self.n, |y| dequantize_rows(out_data, s, ws, y)) };
-        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(&*out_shape, y)?.into_tvalue()])
+        let y = unsafe { written_tensor(&out_shape, |y| dequantize_rows(out_data, s, ws, y))? };
+        Ok(tvec![y.into_tvalue()])
     }
 }
 

@@ -5,16 +5,17 @@
 //! operands where they lie (it packs them itself), heads spread across the node's threads.
 
 use std::mem::MaybeUninit;
-use std::sync::OnceLock;
+use std::ops::Range;
+use std::sync::{Mutex, OnceLock};
 
-use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions};
+use rten_gemm::{GemmError, GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions};
 use rten_tensor::{Matrix, NdTensorView};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::{ProductAxes, ProductLayout};
-use crate::runtime::helper_thread;
-use crate::runtime::int8::{on_helper, with_threads, written_f32};
+use crate::runtime::helper_thread::{self, Disjoint};
+use crate::runtime::int8::{on_helper, with_threads, written_tensor};
 
 /// `out[batch.., m, n] = Σ_k a[batch.., m, k] · b[batch.., k, n]` for f32 operands whose axes
 /// are given by an `EinSum` (any order, batch axes broadcast), on rten-gemm, the batch indices
@@ -53,39 +54,22 @@ impl EvalOp for BatchedMatMul {
 fn eval_on(l: ProductLayout, a: &[f32], b: &[f32]) -> TractResult<TVec<TValue>> {
     let batches: Vec<(usize, usize, usize)> = l.batches().collect();
     let each = l.md * l.nd;
-    let out = if each > 0 && l.kd > 0 {
-        let mut done = Ok(());
-        // Safety: `products` has rten-gemm write every batch's whole [m, n]; on an error, zeros.
-        let out = unsafe {
-            written_f32(batches.len() * each, |out| {
-                done = products(&l, a, b, &batches, out);
-                if done.is_err() {
-                    out.fill(MaybeUninit::new(0.0));
-                }
-            })
-        };
-        done?;
-        out
-    } else {
-        vec![0f32; batches.len() * each]
-    };
-    // rten-gemm writes each batch's [m, n] whole; the output may order its axes otherwise
-    // (`p·v` gives [1, 197, heads, 64]).
-    let in_order = l.no == 1 && l.mo == l.nd && batches.iter().enumerate().all(|(i, &(_, _, oo))| oo == i * each);
-    let out = if in_order {
-        out
-    } else {
-        let mut placed = vec![0f32; out.len()];
-        for (chunk, &(_, _, oo)) in out.chunks_exact(each.max(1)).zip(&batches) {
-            for (mi, row) in chunk.chunks_exact(l.nd).enumerate() {
-                for (ni, &v) in row.iter().enumerate() {
-                    placed[oo + mi * l.mo + ni * l.no] = v;
-                }
+    if each == 0 || l.kd == 0 {
+        return Ok(tvec![Tensor::zero::<f32>(&l.shape)?.into_tvalue()]);
+    }
+    let mut done = Ok(());
+    // Safety: `products` writes every batch's whole [m, n] (the batches cover the output once);
+    // on an error, zeros.
+    let out = unsafe {
+        written_tensor(&l.shape, |out| {
+            done = products(&l, a, b, &batches, out);
+            if done.is_err() {
+                out.fill(MaybeUninit::new(0.0));
             }
-        }
-        placed
+        })?
     };
-    Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(l.shape, out)?.into_tensor().into_tvalue()])
+    done?;
+    Ok(tvec![out.into_tvalue()])
 }
 
 /// `data[off..]` as an `[m, n]` matrix with these strides.
@@ -93,28 +77,55 @@ fn view(data: &[f32], off: usize, shape: [usize; 2], strides: [usize; 2]) -> Tra
     NdTensorView::from_slice_with_strides(shape, &data[off..], strides).map_err(|e| format_err!("BatchedMatMul: operand view: {e:?}"))
 }
 
-/// Each batch's `[m, n]` product into its `m·n` slice of `out`, the batches on the pool of
-/// `runtime::set_threads`'s size (on the calling thread for one).
+/// Each batch's `[m, n]` product into its place in `out`, the batches on the threads of
+/// `runtime::set_threads` (on the calling thread for one). rten-gemm writes an `[m, n]` whole:
+/// where the output orders its axes otherwise (`p·v` gives `[1, 197, heads, 64]`), each batch
+/// goes through a scratch matrix and is placed by the thread that computed it.
 fn products(l: &ProductLayout, a: &[f32], b: &[f32], batches: &[(usize, usize, usize)], out: &mut [MaybeUninit<f32>]) -> TractResult<()> {
     let lhs = batches.iter().map(|&(oa, _, _)| view(a, oa, [l.md, l.kd], [l.ma, l.ka]).map(GemmInputA::Unpacked)).collect::<TractResult<Vec<_>>>()?;
     let rhs = batches.iter().map(|&(_, ob, _)| view(b, ob, [l.kd, l.nd], [l.kb, l.nb]).map(GemmInputB::Unpacked)).collect::<TractResult<Vec<_>>>()?;
     let gemm = executor();
     let each = l.md * l.nd;
-    // Batches `r` one after the other into their slices of `out`.
-    let in_turn = |r: std::ops::Range<usize>, out: &mut [MaybeUninit<f32>]| {
-        lhs[r.clone()].iter().zip(&rhs[r]).zip(out.chunks_exact_mut(each)).try_for_each(|((x, y), o)| gemm.gemm_uninit(o, *x, *y, GemmUninitOptions::default()).map(|_| ()))
+    let in_order = l.no == 1 && l.mo == l.nd && batches.iter().enumerate().all(|(i, &(_, _, oo))| oo == i * each);
+    let out = Disjoint::new(out);
+    // Batches `r` one after the other, each into its place.
+    let in_turn = |r: Range<usize>| -> Result<(), GemmError> {
+        let mut scratch: Vec<MaybeUninit<f32>> = Vec::new();
+        for i in r {
+            let (x, y) = (lhs[i], rhs[i]);
+            if in_order {
+                // Safety: batch i's own elements.
+                let o = unsafe { out.slice(i * each..(i + 1) * each) };
+                gemm.gemm_uninit(o, x, y, GemmUninitOptions::default())?;
+            } else {
+                scratch.resize(each, MaybeUninit::uninit());
+                let product = gemm.gemm_uninit(&mut scratch, x, y, GemmUninitOptions::default())?;
+                let oo = batches[i].2;
+                for (mi, row) in product.chunks_exact(l.nd).enumerate() {
+                    for (ni, &v) in row.iter().enumerate() {
+                        let at = oo + mi * l.mo + ni * l.no;
+                        // Safety: batch i's own element (the batches place each output once).
+                        unsafe { out.write(at, MaybeUninit::new(v)) };
+                    }
+                }
+            }
+        }
+        Ok(())
     };
-    let done = if on_helper(l.md) && batches.len() > 1 {
+    let n = batches.len();
+    let done = if on_helper(l.md) && n > 1 {
         // 2 threads: half the heads on the helper thread (see `int8::on_helper`).
-        let [first, second] = helper_thread::join_rows(out, each, in_turn);
-        first.and(second)
+        let second = Mutex::new(Ok(()));
+        let mut first = Ok(());
+        helper_thread::join(|| first = in_turn(0..n.div_ceil(2)), || *second.lock().unwrap_or_else(|e| e.into_inner()) = in_turn(n.div_ceil(2)..n));
+        first.and(second.into_inner().unwrap_or_else(|e| e.into_inner()))
     } else {
         with_threads(l.md, || {
+            use rayon::prelude::*;
             if rayon::current_num_threads() > 1 {
-                gemm.batched_gemm_uninit(out, &lhs, &rhs, GemmUninitOptions::default()).map(|_| ())
+                (0..n).into_par_iter().try_for_each(|i| in_turn(i..i + 1))
             } else {
-                // One after the other here: rayon's pool (batched_gemm_uninit) is for more threads.
-                in_turn(0..batches.len(), out)
+                in_turn(0..n)
             }
         })
     };

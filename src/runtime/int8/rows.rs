@@ -22,7 +22,7 @@ use super::{executor, helper_thread, with_threads, GemvWeights, Int8MatMul, Weig
 pub(super) fn product<'o>(weights: &Weights, a: &[u8], k: usize, a0: u8, out: &'o mut [MaybeUninit<i32>]) -> TractResult<&'o mut [i32]> {
     match weights {
         Weights::Packed(packed) => packed_product(packed, a, k, a0, out),
-        Weights::Amx(w) => Ok(w.gemm(a, a0, out)),
+        Weights::Amx(w) => Ok(w.gemm(crate::runtime::amx::Left::U8(a), a0 as i32, out)),
         Weights::Gemv(_) | Weights::Tiles(_) => bail!("Int8MatMul: row product on few-row weights"),
     }
 }
@@ -114,13 +114,17 @@ impl Int8MatMul {
         };
         let Some(ws) = &self.dequantize else {
             let product = |r: Range<usize>, out: &mut [MaybeUninit<i32>]| sums(&r, out);
-            // Safety: every element is written by `product` before it is read (on an
-            // error the tensor is dropped unread).
-            let mut out = unsafe { Tensor::uninitialized::<i32>(out_shape)? };
-            let len = out.len();
-            let ptr = out.as_ptr_mut::<i32>()?.cast::<MaybeUninit<i32>>();
-            let out_uninit = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            run_parts(out_uninit, n, parts, product)?;
+            let mut result = Ok(());
+            // Safety: every element is written by `product`; on an error, zeros (then dropped).
+            let out = unsafe {
+                written_tensor(out_shape, |out| {
+                    result = run_parts(out, n, parts, product);
+                    if result.is_err() {
+                        out.fill(MaybeUninit::new(0));
+                    }
+                })?
+            };
+            result?;
             return Ok(out.into_tvalue());
         };
         let s = inputs.last().context("Int8MatMul: missing row scales")?;
@@ -139,15 +143,15 @@ impl Int8MatMul {
         // Safety: each part writes all of its rows of `y`; on an error, `y` is filled with
         // zeros and then dropped unread.
         let y = unsafe {
-            written_f32(m * n, |y| {
+            written_tensor(out_shape, |y| {
                 result = run_parts(y, n, parts, dequantized);
                 if result.is_err() {
                     y.fill(MaybeUninit::new(0.0));
                 }
-            })
+            })?
         };
         result?;
-        Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
+        Ok(y.into_tvalue())
     }
 }
 
@@ -157,7 +161,7 @@ impl Int8MatMul {
     /// dequantizes its own rows of the result, so nothing but the product's bookkeeping runs on
     /// one thread. Same values as the other path: `a − a0` is the same integer either way.
     pub(super) fn eval_tiles(&self, w: &GemvWeights, inputs: &TVec<TValue>, m: usize, a0: u8, out_shape: &[usize]) -> TractResult<TValue> {
-        let (k, n) = (self.k, self.n);
+        let k = self.k;
         let a = inputs[0].try_as_plain_ram()?;
         let (signed, unsigned) = if self.a_signed { (a.as_slice::<i8>()?, &[][..]) } else { (&[][..], a.as_slice::<u8>()?) };
         // An i8 value v stands for the u8 v + 128 of the other paths (zero point `a0` likewise).
@@ -169,9 +173,9 @@ impl Int8MatMul {
             }
         };
         let Some(ws) = &self.dequantize else {
-            let mut out = vec![0i32; m * n];
-            with_threads(m, || w.gemm_tiles_map(m, a0, row, &mut out, |_, acc, out| out.copy_from_slice(acc)));
-            return Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, out)?.into_tvalue());
+            // Safety: `gemm_tiles_map` hands every row of `out` to one `finish`, which writes it.
+            let out = unsafe { written_tensor(out_shape, |out| with_threads(m, || w.gemm_tiles_map(m, a0, row, out, |_, acc, out| out.iter_mut().zip(acc).for_each(|(o, &v)| _ = o.write(v)))))? };
+            return Ok(out.into_tvalue());
         };
         let s = inputs.last().context("Int8MatMul: missing row scales")?;
         ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
@@ -179,25 +183,30 @@ impl Int8MatMul {
         let s = s.as_slice::<f32>()?;
         // Safety: `gemm_tiles_map` hands every row of `y` to one `finish`, and `dequantize_rows`
         // writes all of it.
-        let y = unsafe { written_f32(m * n, |y| with_threads(m, || w.gemm_tiles_map(m, a0, row, y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y)))) };
-        Ok(tract_ndarray::ArrayD::from_shape_vec(out_shape, y)?.into_tvalue())
+        let y = unsafe { written_tensor(out_shape, |y| with_threads(m, || w.gemm_tiles_map(m, a0, row, y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y))))? };
+        Ok(y.into_tvalue())
     }
 }
 
-/// `len` f32s written by `fill`: outputs not zeroed first (the encoder's are 80 MB per image,
-/// ~8 ms of zeroing on the calling thread at 10 GB/s, estimated).
+/// A `shape` tensor whose elements `fill` writes: our ops' outputs go straight into tract's
+/// own buffer, not zeroed first (the encoder's are 80 MB per image) and not copied after (an
+/// `ArrayD` handed to tract is copied whole, `Tensor::from_datum`: 4 % of a 2-thread profile's
+/// samples, `perf`).
 ///
 /// # Safety
 /// `fill` must write every element of the slice it is handed.
-pub(crate) unsafe fn written_f32(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut y: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
-    // Safety: MaybeUninit needs no initialization.
-    unsafe { y.set_len(len) };
-    fill(&mut y);
-    let mut y = std::mem::ManuallyDrop::new(y);
-    // Safety: same allocation, length and capacity; `fill` wrote every element (the caller's
-    // promise).
-    unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast(), y.len(), y.capacity()) }
+pub(crate) unsafe fn written_tensor<T: Datum + Copy>(shape: &[usize], fill: impl FnOnce(&mut [MaybeUninit<T>])) -> TractResult<Tensor> {
+    // Safety: the elements are written by `fill` (the caller's promise) before anyone reads
+    // them; T is Copy, so an unwinding `fill` leaves nothing to drop.
+    let mut t = unsafe { Tensor::uninitialized::<T>(shape)? };
+    let len = t.len();
+    if len == 0 {
+        fill(&mut []);
+    } else {
+        let ptr = t.as_ptr_mut::<T>()?.cast::<MaybeUninit<T>>();
+        fill(unsafe { std::slice::from_raw_parts_mut(ptr, len) });
+    }
+    Ok(t)
 }
 
 /// `y[r, c] = (acc[r, c] as f32 · s[r]) · ws[c]` for `acc, y: [rows, N]`, `ws: [N]`: the graph's

@@ -1,0 +1,109 @@
+//! An [`Int8MatMul`] on AMX tiles ([`AmxWeights`]) in column ranges: with 2 threads each takes
+//! half the columns of every row, so each reads half the weights and all 197 rows of the
+//! (small) left operand, where halving the rows had each read all the weights and pay the
+//! 197 rows' partial tile twice. A part does all of its columns' work: the product, the zero
+//! points' corrections and the folded dequantization.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+use super::rows::{written_tensor, Parts};
+use super::{helper_thread, with_threads, Int8MatMul};
+use crate::runtime::helper_thread::Disjoint;
+use crate::runtime::amx::{AmxWeights, Left, COLUMN_STEP};
+
+/// Row `r`'s columns `cols` of the `[rows, n]` matrix `m`.
+///
+/// # Safety
+/// As [`Disjoint::slice`]: no other part uses these elements meanwhile.
+unsafe fn row<'a, T>(m: Disjoint<'a, T>, n: usize, r: usize, cols: &Range<usize>) -> &'a mut [T] {
+    unsafe { m.slice(r * n + cols.start..r * n + cols.end) }
+}
+
+/// Runs `part(columns)` over `0..n` as `parts` says (ranges of whole [`COLUMN_STEP`]s).
+fn run_columns(n: usize, rows: usize, parts: Parts, part: impl Fn(Range<usize>) + Sync) {
+    let steps = n / COLUMN_STEP;
+    match parts {
+        Parts::One => part(0..n),
+        Parts::Halves => {
+            let mid = steps.div_ceil(2) * COLUMN_STEP;
+            helper_thread::join(|| part(0..mid), || part(mid..n));
+        }
+        Parts::Pool => with_threads(rows, || {
+            use rayon::prelude::*;
+            let per = steps.div_ceil(rayon::current_num_threads()).max(1) * COLUMN_STEP;
+            (0..n.div_ceil(per)).into_par_iter().for_each(|i| part(i * per..((i + 1) * per).min(n)))
+        }),
+    }
+}
+
+impl Int8MatMul {
+    /// The whole op on AMX tiles, `m` rows, the columns in parts ([`Parts`]). Same values as
+    /// the other paths: each element's integer sum is exact, and its corrections and
+    /// dequantization are the same operations in the same order.
+    pub(super) fn eval_columns(&self, w: &AmxWeights, inputs: &TVec<TValue>, m: usize, a0: u8, out_shape: &[usize], parts: Parts) -> TractResult<TValue> {
+        let (k, n) = (self.k, self.n);
+        ensure!(w.n() == n && n % COLUMN_STEP == 0, "Int8MatMul: AMX weights of {} columns for {n}", w.n());
+        let a = inputs[0].try_as_plain_ram()?;
+        // `a0` comes in u8 terms (an i8 value v standing for v + 128); AMX takes i8 as it is.
+        let (left, a0) = if self.a_signed { (Left::I8(a.as_slice::<i8>()?), a0 as i32 - 128) } else { (Left::U8(a.as_slice::<u8>()?), a0 as i32) };
+        ensure!(a.len() == m * k, "Int8MatMul: {} left values for {m} rows of {k}", a.len());
+        // Σ_k (a − a0) per row, for the right operand's zero points: `− b0[n] · Σ_k (a − a0)`.
+        let centered: Option<Vec<i32>> = self.b_zero.as_ref().map(|_| left.row_sums(k).into_iter().map(|s| s.wrapping_sub((k as i32).wrapping_mul(a0))).collect());
+        // A part's i32 sums, written into its columns of `acc`, b0's correction taken off.
+        let sums = |acc: Disjoint<MaybeUninit<i32>>, cols: &Range<usize>| {
+            // Safety: `acc` holds `[m, N]`; this part alone uses its columns `cols`.
+            unsafe { w.gemm_columns(left, a0, cols.clone(), acc.as_mut_ptr().cast::<i32>()) };
+            if let (Some(b_zero), Some(centered)) = (&self.b_zero, &centered) {
+                for (r, &c) in centered.iter().enumerate() {
+                    // Safety: as above; every element of these columns was written just now.
+                    let row = unsafe { row(acc, n, r, cols) };
+                    for (o, &z) in row.iter_mut().zip(&b_zero[cols.clone()]) {
+                        // Safety: written by `gemm_columns`.
+                        let v = unsafe { o.assume_init() };
+                        o.write(v.wrapping_sub(z.wrapping_mul(c)));
+                    }
+                }
+            }
+        };
+        let Some(ws) = &self.dequantize else {
+            // Safety: every element is written by `sums` (each column in one part).
+            let out = unsafe {
+                written_tensor(out_shape, |out| {
+                    let out = Disjoint::new(out);
+                    run_columns(n, m, parts, |cols| sums(out, &cols))
+                })?
+            };
+            return Ok(out.into_tvalue());
+        };
+        let s = inputs.last().context("Int8MatMul: missing row scales")?;
+        ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
+        let s = s.try_as_plain_ram()?;
+        let s = s.as_slice::<f32>()?;
+        let mut acc_buf: Vec<MaybeUninit<i32>> = Vec::with_capacity(m * n);
+        // Safety: MaybeUninit needs no initialization.
+        unsafe { acc_buf.set_len(m * n) };
+        let acc = Disjoint::new(&mut acc_buf);
+        // Safety: each column belongs to one part, which writes it in every row.
+        let y = unsafe {
+            written_tensor(out_shape, |y| {
+                let y = Disjoint::new(y);
+                run_columns(n, m, parts, |cols| {
+                    sums(acc, &cols);
+                    for (r, &sr) in s.iter().enumerate() {
+                        // Safety: this part's columns of row r, written by `sums`.
+                        let (acc_row, y_row) = (row(acc, n, r, &cols), row(y, n, r, &cols));
+                        // The graph's order and roundings, as `rows::dequantize_rows`.
+                        for ((y, acc), &wc) in y_row.iter_mut().zip(acc_row.iter()).zip(&ws[cols.clone()]) {
+                            y.write((acc.assume_init() as f32 * sr) * wc);
+                        }
+                    }
+                });
+            })?
+        };
+        Ok(y.into_tvalue())
+    }
+}
