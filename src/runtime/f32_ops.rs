@@ -26,7 +26,9 @@ use tract_onnx::tract_core::ops::nn::{GeluExact, Softmax, SoftmaxKind};
 use super::graph::swap_node;
 
 mod batched;
+mod layer_norm;
 pub use batched::BatchedMatMul;
+pub use layer_norm::LayerNormRows;
 
 /// Which f32 operators to swap (`VITGPT2_F32_OPS=tract` keeps tract's own, for comparison).
 pub fn enabled_from_env() -> bool {
@@ -38,8 +40,8 @@ pub fn enabled_from_env() -> bool {
 const FEW_ROWS: usize = 16;
 
 /// Replaces tract's f32 softmax over the last axis by [`RowSoftmax`], its f32 `GeluExact` by
-/// [`GeluExactRows`], and its f32 products of two
-/// non-constant operands by [`FewRowMatMul`] (under 16 rows) or [`BatchedMatMul`]. Run it
+/// [`GeluExactRows`], its f32 products of two non-constant operands by [`FewRowMatMul`]
+/// (under 16 rows) or [`BatchedMatMul`], and its layer normalizations by [`LayerNormRows`]. Run it
 /// between tract's `declutter` and `optimize`. Returns how many nodes it replaced.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     let mut done = 0;
@@ -73,7 +75,7 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     if done > 0 {
         model.compact()?;
     }
-    Ok(done)
+    Ok(done + layer_norm::substitute(model)?)
 }
 
 /// `y = x/2 · (1 + erf(x/√2))` (f32, any shape), tract's `GeluExact` computed the same way

@@ -152,7 +152,7 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 /// The value of a uniform f32 constant.
-fn uniform_f32(model: &TypedModel, outlet: OutletId) -> Option<f32> {
+pub(crate) fn uniform_f32(model: &TypedModel, outlet: OutletId) -> Option<f32> {
     let t = model.outlet_fact(outlet).ok()?.konst.clone()?;
     if t.datum_type() != f32::datum_type() || t.len() == 0 || !t.is_uniform() {
         return None;
@@ -161,7 +161,7 @@ fn uniform_f32(model: &TypedModel, outlet: OutletId) -> Option<f32> {
 }
 
 /// The node behind `outlet` if its op is a binary `M` (f32): its two inputs.
-fn binary<M: BinMiniOp>(model: &TypedModel, outlet: OutletId) -> Option<(usize, OutletId, OutletId)> {
+pub(crate) fn binary<M: BinMiniOp>(model: &TypedModel, outlet: OutletId) -> Option<(usize, OutletId, OutletId)> {
     let node = model.node(outlet.node);
     let bin = node.op_as::<TypedBinOp>()?;
     (bin.0.is::<M>() && node.inputs.len() == 2 && model.outlet_fact(outlet).ok()?.datum_type == f32::datum_type()).then(|| (node.id, node.inputs[0], node.inputs[1]))
