@@ -296,3 +296,59 @@ fn layer_norms_on_the_swapped_op_match_tract_and_the_definition() {
         eprintln!("{what}: worst error / tolerance: ours {worst_ours:.3}, tract's {worst_tract:.3}");
     }
 }
+
+#[test]
+fn a_residual_sum_folds_into_the_layer_norm_after_it() {
+    // x = a + b, the residual connection before each of ViT's layer norms, read by the layer norm
+    // and by the next residual connection (here a graph output): one LayerNormRows with two
+    // inputs and two outputs. The sum is tract's bits (an f32 add is exact to the rounding
+    // either way); the normalized value as in the test above.
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (m, k) = (197, 768);
+    let mut rng = SplitMix::new(29);
+    let (av, bv) = (random(&mut rng, m * k, 3.0), random(&mut rng, m * k, 1.0));
+    let gamma: Vec<f32> = random(&mut rng, k, 1.0).iter().map(|g| 1.0 + g).collect();
+    let beta = random(&mut rng, k, 0.5);
+    let dims = [Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(k)];
+    let mut g = GraphBuilder::new("residual_layer_norm");
+    let a = g.input("a", DataType::Float, &dims);
+    let b = g.input("b", DataType::Float, &dims);
+    let gm = g.init_f32("gamma", &[k], &gamma);
+    let bt = g.init_f32("beta", &[k], &beta);
+    let x = g.node("Add", &[&a, &b], vec![]);
+    let y = g.node("LayerNormalization", &[&x, &gm, &bt], vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(1e-12))]);
+    g.output(&x, "x", DataType::Float, &dims);
+    g.output(&y, "y", DataType::Float, &dims);
+    let proto = g.finish("residual layer norm check", &[]);
+    let model = tract_onnx::onnx().model_for_proto_model(&proto).expect("tract parses the graph");
+    let input: TVec<TValue> = tvec![Tensor::from_shape(&[1, m, k], &av).unwrap().into_tvalue(), Tensor::from_shape(&[1, m, k], &bv).unwrap().into_tvalue()];
+    let run = |swap: bool| {
+        let (typed, _) = optimize_with(model.clone(), Int8Gemm::Tract, swap).expect("optimizes");
+        let names: Vec<String> = typed.nodes().iter().map(|n| n.op().name().to_string()).collect();
+        let out = typed.into_runnable().expect("runnable").run(input.clone()).expect("runs");
+        let vec = |i: usize| out[i].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect::<Vec<f32>>();
+        (names, vec(0), vec(1))
+    };
+    vitgpt2::runtime::set_threads(1);
+    let (_, x_tract, y_tract) = run(false);
+    let (names, x_ours, y_ours) = run(true);
+    assert_eq!(names.iter().filter(|n| *n == "LayerNormRows").count(), 1, "not swapped: {names:?}");
+    assert!(!names.iter().any(|n| n.contains("Add") || n.contains("Reduce") || n.contains("RmsNorm")), "left over: {names:?}");
+    vitgpt2::runtime::set_threads(2);
+    let (_, x_two, y_two) = run(true);
+    vitgpt2::runtime::set_threads(1);
+    let same = |p: &[f32], q: &[f32]| p.iter().zip(q).all(|(p, q)| p.to_bits() == q.to_bits());
+    assert!(same(&x_ours, &x_tract) && same(&x_two, &x_tract), "the sum differs from tract's");
+    assert!(same(&y_ours, &y_two), "2 threads changed the normalized values");
+    for r in 0..m {
+        let row: Vec<f64> = x_tract[r * k..(r + 1) * k].iter().map(|&v| v as f64).collect();
+        let mu = row.iter().sum::<f64>() / k as f64;
+        let sd = (row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / k as f64 + 1e-12).sqrt();
+        for c in 0..k {
+            let want = (row[c] - mu) / sd * gamma[c] as f64 + beta[c] as f64;
+            let tol = 5e-7 * (gamma[c].abs() + beta[c].abs()) as f64 + 5e-7;
+            let (o, t) = (y_ours[r * k + c] as f64, y_tract[r * k + c] as f64);
+            assert!((o - want).abs() <= tol && (o - t).abs() <= 2.0 * tol, "row {r} col {c}: ours {o}, tract's {t}, want {want}");
+        }
+    }
+}
