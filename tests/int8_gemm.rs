@@ -302,17 +302,22 @@ fn dequantization_folds_into_the_product_bit_exactly() {
 #[test]
 fn the_exporters_int8_linears_fold_bit_exactly() {
     use vitgpt2::export::fast::WeightForm;
-    for form in [WeightForm::INT8, WeightForm::Int8 { reduce_range: true }] {
-        linears_fold_bit_exactly(form);
+    // A decoder step's few rows, and the encoder's many (K and N whole AMX tiles: the column
+    // parts there, rten-gemm's rows elsewhere); 2 threads for the parts' split.
+    for (m, k, n, threads) in [(7, 72, 40, 1), (197, 128, 64, 1), (197, 128, 64, 2)] {
+        for form in [WeightForm::INT8, WeightForm::Int8 { reduce_range: true }] {
+            vitgpt2::runtime::set_threads(threads);
+            linears_fold_bit_exactly(form, m, k, n);
+        }
     }
+    vitgpt2::runtime::set_threads(1);
 }
 
-fn linears_fold_bit_exactly(form: vitgpt2::export::fast::WeightForm) {
+fn linears_fold_bit_exactly(form: vitgpt2::export::fast::WeightForm, m: usize, k: usize, n: usize) {
     use vitgpt2::export::fast::Net;
     use vitgpt2::runtime::int8::Int8MatMul;
     let mut rng = SplitMix::new(777);
     let mut unit = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-    let (m, k, n) = (7, 72, 40);
     let weights = vitgpt2::export::Weights::default();
     let mut net = Net::new("linears", form, &weights);
     let x = net.g.input("x", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(k)]);
@@ -354,13 +359,15 @@ fn linears_fold_bit_exactly(form: vitgpt2::export::fast::WeightForm) {
         let (typed, _) = optimize(model.clone(), gemm).expect("optimizes");
         let quantize = typed.nodes().iter().filter(|nd| nd.op().name() == "QuantizeRows").count();
         let folded = typed.nodes().iter().filter(|nd| nd.op_as::<Int8MatMul>().is_some_and(|mm| mm.dequantizes())).count();
+        let adds = typed.nodes().iter().filter(|nd| nd.op().name().contains("Add")).count();
         let out = typed.into_runnable().expect("runnable").run(values.clone()).expect("runs");
-        (quantize, folded, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        (quantize, folded, adds, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().map(|v| v.to_bits()).collect::<Vec<_>>())
     };
-    let (quantize, folded, ours) = run(Int8Gemm::Auto);
-    let (_, _, tract) = run(Int8Gemm::Tract);
-    assert_eq!((quantize, folded), (1, 2), "{form:?}: QuantizeRows ops and f32-out products");
+    let (quantize, folded, adds, ours) = run(Int8Gemm::Auto);
+    let (_, _, _, tract) = run(Int8Gemm::Tract);
+    // The biases folded too: only y1 + y2 is left as an add.
+    assert_eq!((quantize, folded, adds), (1, 2, 1), "{form:?}, {m} × {k} × {n}: QuantizeRows ops, f32-out products, adds");
     if let Some(i) = (0..ours.len()).find(|&i| ours[i] != tract[i]) {
-        panic!("{form:?}: element {i}: {} folded, {} in tract", f32::from_bits(ours[i]), f32::from_bits(tract[i]));
+        panic!("{form:?}, {m} × {k} × {n}: element {i}: {} folded, {} in tract", f32::from_bits(ours[i]), f32::from_bits(tract[i]));
     }
 }

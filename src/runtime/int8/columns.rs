@@ -69,7 +69,7 @@ impl Int8MatMul {
                 }
             }
         };
-        let Some(ws) = &self.dequantize else {
+        let Some(dq) = &self.dequantize else {
             // Safety: every element is written by `sums` (each column in one part).
             let out = unsafe {
                 written_tensor(out_shape, |out| {
@@ -96,10 +96,8 @@ impl Int8MatMul {
                     for (r, &sr) in s.iter().enumerate() {
                         // Safety: this part's columns of row r, written by `sums`.
                         let (acc_row, y_row) = (row(acc, n, r, &cols), row(y, n, r, &cols));
-                        // The graph's order and roundings, as `rows::dequantize_rows`.
-                        for ((y, acc), &wc) in y_row.iter_mut().zip(acc_row.iter()).zip(&ws[cols.clone()]) {
-                            y.write((acc.assume_init() as f32 * sr) * wc);
-                        }
+                        let acc_row = std::slice::from_raw_parts(acc_row.as_ptr().cast::<i32>(), acc_row.len());
+                        dq.row(acc_row, sr, cols.clone(), y_row);
                     }
                 });
             })?

@@ -12,7 +12,7 @@ use rten_tensor::{Matrix, NdTensorView};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::{executor, helper_thread, with_threads, GemvWeights, Int8MatMul, Weights};
+use super::{executor, helper_thread, with_threads, Dequantize, GemvWeights, Int8MatMul, Weights};
 
 /// `out[r, n] = Σ_k (a[r, k] − a0) · b[k, n]` for `a: [rows, K]` (u8) and many-row weights
 /// (rten-gemm's packed blocks or AMX tiles), every element of `out` (`[rows, N]`) written and
@@ -112,7 +112,7 @@ impl Int8MatMul {
             }
             Ok(())
         };
-        let Some(ws) = &self.dequantize else {
+        let Some(dq) = &self.dequantize else {
             let product = |r: Range<usize>, out: &mut [MaybeUninit<i32>]| sums(&r, out);
             let mut result = Ok(());
             // Safety: every element is written by `product`; on an error, zeros (then dropped).
@@ -136,7 +136,7 @@ impl Int8MatMul {
             sums(&r, &mut acc)?;
             // Safety: `sums` wrote every element of `acc`.
             let acc = unsafe { std::slice::from_raw_parts(acc.as_ptr().cast::<i32>(), acc.len()) };
-            dequantize_rows(acc, &s[r.start..], ws, y);
+            dequantize_rows(acc, &s[r.start..], dq, y);
             Ok(())
         };
         let mut result = Ok(());
@@ -172,7 +172,7 @@ impl Int8MatMul {
                 dst.copy_from_slice(&unsigned[r * k..(r + 1) * k]);
             }
         };
-        let Some(ws) = &self.dequantize else {
+        let Some(dq) = &self.dequantize else {
             // Safety: `gemm_tiles_map` hands every row of `out` to one `finish`, which writes it.
             let out = unsafe { written_tensor(out_shape, |out| with_threads(m, || w.gemm_tiles_map(m, a0, row, out, |_, acc, out| out.iter_mut().zip(acc).for_each(|(o, &v)| _ = o.write(v)))))? };
             return Ok(out.into_tvalue());
@@ -183,7 +183,7 @@ impl Int8MatMul {
         let s = s.as_slice::<f32>()?;
         // Safety: `gemm_tiles_map` hands every row of `y` to one `finish`, and `dequantize_rows`
         // writes all of it.
-        let y = unsafe { written_tensor(out_shape, |y| with_threads(m, || w.gemm_tiles_map(m, a0, row, y, |r0, acc, y| dequantize_rows(acc, &s[r0..], ws, y))))? };
+        let y = unsafe { written_tensor(out_shape, |y| with_threads(m, || w.gemm_tiles_map(m, a0, row, y, |r0, acc, y| dequantize_rows(acc, &s[r0..], dq, y))))? };
         Ok(y.into_tvalue())
     }
 }
@@ -209,15 +209,11 @@ pub(crate) unsafe fn written_tensor<T: Datum + Copy>(shape: &[usize], fill: impl
     Ok(t)
 }
 
-/// `y[r, c] = (acc[r, c] as f32 · s[r]) · ws[c]` for `acc, y: [rows, N]`, `ws: [N]`: the graph's
-/// order and roundings (Cast to f32, × the row's scale, × the column's; [`fuse_dequantize`]).
-/// Writes every element of `y`.
-pub(super) fn dequantize_rows(acc: &[i32], s: &[f32], ws: &[f32], y: &mut [MaybeUninit<f32>]) {
-    let n = ws.len();
+/// `y[r, c] = (acc[r, c] as f32 · s[r]) · ws[c] (+ bias[c])` for `acc, y: [rows, N]`: the
+/// graph's order and roundings ([`Dequantize`]). Writes every element of `y`.
+pub(super) fn dequantize_rows(acc: &[i32], s: &[f32], dq: &Dequantize, y: &mut [MaybeUninit<f32>]) {
+    let n = dq.scales.len();
     for ((y_row, acc_row), &sr) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)).zip(s) {
-        y_row.iter_mut().zip(acc_row).zip(ws).for_each(|((y, &acc), &w)| {
-            y.write((acc as f32 * sr) * w);
-        });
+        dq.row(acc_row, sr, 0..n, y_row);
     }
 }
-
