@@ -182,6 +182,19 @@ impl Dequantize {
             Some(b) => y.iter_mut().zip(acc).zip(ws).zip(&b[cols]).for_each(|(((y, &acc), &w), &b)| _ = y.write((acc as f32 * s) * w + b)),
         }
     }
+
+    /// As [`row`](Self::row) in place: `y` holds the row's i32 sums (written as i32) and gets
+    /// their values.
+    fn row_in_place(&self, y: &mut [MaybeUninit<f32>], s: f32, cols: Range<usize>) {
+        // Safety (both loops): each element holds an i32 written by the product (4 bytes, read
+        // as such before it is overwritten).
+        let acc = |y: &MaybeUninit<f32>| unsafe { y.as_ptr().cast::<i32>().read() };
+        let ws = &self.scales[cols.clone()];
+        match &self.bias {
+            None => y.iter_mut().zip(ws).for_each(|(y, &w)| _ = y.write((acc(y) as f32 * s) * w)),
+            Some(b) => y.iter_mut().zip(ws).zip(&b[cols]).for_each(|((y, &w), &b)| _ = y.write((acc(y) as f32 * s) * w + b)),
+        }
+    }
 }
 
 /// The constant right operand, laid out once at load for one of the kernels.

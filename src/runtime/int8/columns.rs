@@ -53,28 +53,26 @@ impl Int8MatMul {
         ensure!(a.len() == m * k, "Int8MatMul: {} left values for {m} rows of {k}", a.len());
         // Σ_k (a − a0) per row, for the right operand's zero points: `− b0[n] · Σ_k (a − a0)`.
         let centered: Option<Vec<i32>> = self.b_zero.as_ref().map(|_| left.row_sums(k).into_iter().map(|s| s.wrapping_sub((k as i32).wrapping_mul(a0))).collect());
-        // A part's i32 sums, written into its columns of `acc`, b0's correction taken off.
-        let sums = |acc: Disjoint<MaybeUninit<i32>>, cols: &Range<usize>| {
-            // Safety: `acc` holds `[m, N]`; this part alone uses its columns `cols`.
-            unsafe { w.gemm_columns(left, a0, cols.clone(), acc.as_mut_ptr().cast::<i32>()) };
+        // A part's i32 sums, written into its columns of the `[m, N]` matrix at `acc` (an i32
+        // output, or the f32 output that they are then turned into in place), b0's correction
+        // taken off.
+        let sums = |acc: *mut i32, cols: &Range<usize>| {
+            // Safety: `acc` holds `[m, N]` 4-byte elements; this part alone uses its columns.
+            unsafe { w.gemm_columns(left, a0, cols.clone(), acc) };
             if let (Some(b_zero), Some(centered)) = (&self.b_zero, &centered) {
                 for (r, &c) in centered.iter().enumerate() {
                     // Safety: as above; every element of these columns was written just now.
-                    let row = unsafe { row(acc, n, r, cols) };
-                    for (o, &z) in row.iter_mut().zip(&b_zero[cols.clone()]) {
-                        // Safety: written by `gemm_columns`.
-                        let v = unsafe { o.assume_init() };
-                        o.write(v.wrapping_sub(z.wrapping_mul(c)));
-                    }
+                    let row = unsafe { std::slice::from_raw_parts_mut(acc.add(r * n + cols.start), cols.len()) };
+                    row.iter_mut().zip(&b_zero[cols.clone()]).for_each(|(o, &z)| *o = o.wrapping_sub(z.wrapping_mul(c)));
                 }
             }
         };
         let Some(dq) = &self.dequantize else {
             // Safety: every element is written by `sums` (each column in one part).
             let out = unsafe {
-                written_tensor(out_shape, |out| {
+                written_tensor(out_shape, |out: &mut [MaybeUninit<i32>]| {
                     let out = Disjoint::new(out);
-                    run_columns(n, m, parts, |cols| sums(out, &cols))
+                    run_columns(n, m, parts, |cols| sums(out.as_mut_ptr().cast::<i32>(), &cols))
                 })?
             };
             return Ok(out.into_tvalue());
@@ -83,21 +81,18 @@ impl Int8MatMul {
         ensure!(s.len() == m, "Int8MatMul: row scales of shape {:?} for {m} rows", s.shape());
         let s = s.try_as_plain_ram()?;
         let s = s.as_slice::<f32>()?;
-        let mut acc_buf: Vec<MaybeUninit<i32>> = Vec::with_capacity(m * n);
-        // Safety: MaybeUninit needs no initialization.
-        unsafe { acc_buf.set_len(m * n) };
-        let acc = Disjoint::new(&mut acc_buf);
+        // The sums go where their f32 values will be (i32 and f32: same size and alignment) and
+        // are replaced in place, while a part's columns are still in its L2: no second
+        // `[m, N]` buffer (FC1's sums and output were 2 × 2.4 MB, more than a 2 MiB L2).
         // Safety: each column belongs to one part, which writes it in every row.
         let y = unsafe {
             written_tensor(out_shape, |y| {
                 let y = Disjoint::new(y);
                 run_columns(n, m, parts, |cols| {
-                    sums(acc, &cols);
+                    sums(y.as_mut_ptr().cast::<i32>(), &cols);
                     for (r, &sr) in s.iter().enumerate() {
-                        // Safety: this part's columns of row r, written by `sums`.
-                        let (acc_row, y_row) = (row(acc, n, r, &cols), row(y, n, r, &cols));
-                        let acc_row = std::slice::from_raw_parts(acc_row.as_ptr().cast::<i32>(), acc_row.len());
-                        dq.row(acc_row, sr, cols.clone(), y_row);
+                        // Safety: this part's columns of row r, holding its sums.
+                        dq.row_in_place(row(y, n, r, &cols), sr, cols.clone());
                     }
                 });
             })?
