@@ -325,7 +325,14 @@ fn linears_fold_bit_exactly(form: vitgpt2::export::fast::WeightForm, m: usize, k
     let b: Vec<f32> = (0..n).map(|_| unit()).collect();
     let y1 = net.linear(&x, "q", &w1, k, n, &b);
     let y2 = net.linear(&x, "k", &w2, k, n, &b);
-    let y = net.g.node("Add", &[&y1, &y2], vec![]);
+    // ViT's FC1: the exact GELU after the linear, x/2 · (1 + erf(x/√2)), folded in too.
+    let (inv_sqrt2, one, half) = (net.g.init_f32("inv_sqrt2", &[], &[2f32.sqrt().recip()]), net.g.init_f32("one", &[], &[1.0]), net.g.init_f32("half", &[], &[0.5]));
+    let scaled = net.g.node("Mul", &[&y1, &inv_sqrt2], vec![]);
+    let erf = net.g.node("Erf", &[&scaled], vec![]);
+    let one_plus = net.g.node("Add", &[&erf, &one], vec![]);
+    let half_y1 = net.g.node("Mul", &[&y1, &half], vec![]);
+    let gelu = net.g.node("Mul", &[&half_y1, &one_plus], vec![]);
+    let y = net.g.node("Add", &[&gelu, &y2], vec![]);
     net.g.output(&y, "y", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(m), Dim::Fixed(n)]);
     let model = tract_onnx::onnx().model_for_proto_model(&net.g.finish("int8 linears", &[])).expect("tract parses the graph");
     let mut xs: Vec<f32> = (0..m * k).map(|_| unit() * 3.0).collect();
@@ -359,14 +366,14 @@ fn linears_fold_bit_exactly(form: vitgpt2::export::fast::WeightForm, m: usize, k
         let (typed, _) = optimize(model.clone(), gemm).expect("optimizes");
         let quantize = typed.nodes().iter().filter(|nd| nd.op().name() == "QuantizeRows").count();
         let folded = typed.nodes().iter().filter(|nd| nd.op_as::<Int8MatMul>().is_some_and(|mm| mm.dequantizes())).count();
-        let adds = typed.nodes().iter().filter(|nd| nd.op().name().contains("Add")).count();
+        let adds = typed.nodes().iter().filter(|nd| nd.op().name().contains("Add") || nd.op().name().contains("Gelu") || nd.op().name().contains("Erf")).count();
         let out = typed.into_runnable().expect("runnable").run(values.clone()).expect("runs");
         (quantize, folded, adds, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().map(|v| v.to_bits()).collect::<Vec<_>>())
     };
     let (quantize, folded, adds, ours) = run(Int8Gemm::Auto);
     let (_, _, _, tract) = run(Int8Gemm::Tract);
-    // The biases folded too: only y1 + y2 is left as an add.
-    assert_eq!((quantize, folded, adds), (1, 2, 1), "{form:?}, {m} × {k} × {n}: QuantizeRows ops, f32-out products, adds");
+    // The biases and the GELU folded too: only gelu(y1) + y2 is left (no GELU, no other add).
+    assert_eq!((quantize, folded, adds), (1, 2, 1), "{form:?}, {m} × {k} × {n}: QuantizeRows ops, f32-out products, adds and GELUs");
     if let Some(i) = (0..ours.len()).find(|&i| ours[i] != tract[i]) {
         panic!("{form:?}, {m} × {k} × {n}: element {i}: {} folded, {} in tract", f32::from_bits(ours[i]), f32::from_bits(tract[i]));
     }

@@ -115,18 +115,36 @@ impl EvalOp for GeluExactRows {
 }
 
 /// tract-core 0.23's `GeluExact` on f32 (src/ops/nn/gelu_exact.rs), chunk by chunk.
-fn gelu_exact(xs: &mut [f32]) -> TractResult<()> {
+pub(crate) fn gelu_exact(xs: &mut [f32]) -> TractResult<()> {
+    GeluExactF32::new()?.run(xs)
+}
+
+/// [`gelu_exact`] keeping tract's erf kernel and its scratch between calls (a product's rows
+/// each get theirs right after their dequantization: `int8::columns`).
+pub(crate) struct GeluExactF32 {
+    erf: Box<dyn tract_linalg::element_wise::ElementWise<f32>>,
+    scratch: Vec<f32>,
+}
+
+impl GeluExactF32 {
+    /// Chunks the erf kernel runs on.
     const CHUNK: usize = 1024;
-    let erf = tract_linalg::routines::Func::Erf.ew_f32()?;
-    let c = 2f32.sqrt().recip();
-    let mut scratch = vec![0f32; xs.len().min(CHUNK)];
-    for chunk in xs.chunks_mut(CHUNK) {
-        let scaled = &mut scratch[..chunk.len()];
-        scaled.iter_mut().zip(chunk.iter()).for_each(|(s, x)| *s = *x * c);
-        erf.run(scaled)?;
-        chunk.iter_mut().zip(scaled.iter()).for_each(|(x, e)| *x = (*x * 0.5) * (*e + 1.0));
+
+    pub(crate) fn new() -> TractResult<Self> {
+        Ok(GeluExactF32 { erf: tract_linalg::routines::Func::Erf.ew_f32()?, scratch: vec![0f32; Self::CHUNK] })
     }
-    Ok(())
+
+    /// `x/2 · (1 + erf(x/√2))` in place, each element as tract computes it.
+    pub(crate) fn run(&mut self, xs: &mut [f32]) -> TractResult<()> {
+        let c = 2f32.sqrt().recip();
+        for chunk in xs.chunks_mut(Self::CHUNK) {
+            let scaled = &mut self.scratch[..chunk.len()];
+            scaled.iter_mut().zip(chunk.iter()).for_each(|(s, x)| *s = *x * c);
+            self.erf.run(scaled)?;
+            chunk.iter_mut().zip(scaled.iter()).for_each(|(x, e)| *x = (*x * 0.5) * (*e + 1.0));
+        }
+        Ok(())
+    }
 }
 
 impl TypedOp for GeluExactRows {

@@ -171,9 +171,29 @@ struct Dequantize {
     scales: Arc<[f32]>,
     /// The bias `[N]` added after, if the graph has one.
     bias: Option<Arc<[f32]>>,
+    /// The exact GELU after that (ViT's FC1), tract's arithmetic (`f32_ops::gelu_exact`).
+    pub(super) gelu: bool,
 }
 
 impl Dequantize {
+    /// The GELU, if folded, over finished values (whole rows or a row's columns: element-wise,
+    /// so the same bits however they are cut).
+    fn activate(&self, y: &mut [f32]) -> TractResult<()> {
+        if self.gelu {
+            super::f32_ops::gelu_exact(y)?;
+        }
+        Ok(())
+    }
+
+    /// [`activate`](Self::activate) on a finished output tensor.
+    fn activate_tensor(&self, mut y: Tensor) -> TractResult<Tensor> {
+        if self.gelu {
+            let mut ram = y.try_as_plain_ram_mut()?;
+            self.activate(ram.as_slice_mut::<f32>()?)?;
+        }
+        Ok(y)
+    }
+
     /// Columns `cols` of one row: `acc` and `y` hold those columns, `s` is the row's scale.
     fn row(&self, acc: &[i32], s: f32, cols: Range<usize>, y: &mut [MaybeUninit<f32>]) {
         let ws = &self.scales[cols.clone()];
@@ -259,7 +279,7 @@ impl PartialEq for Int8MatMul {
             _ => false,
         };
         let same_scales = match (&self.dequantize, &other.dequantize) {
-            (Some(a), Some(b)) => Arc::ptr_eq(&a.scales, &b.scales) && a.bias.as_ref().map(Arc::as_ptr) == b.bias.as_ref().map(Arc::as_ptr),
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.scales, &b.scales) && a.bias.as_ref().map(Arc::as_ptr) == b.bias.as_ref().map(Arc::as_ptr) && a.gelu == b.gelu,
             (a, b) => a.is_none() && b.is_none(),
         };
         same && same_scales && self.a_signed == other.a_signed && self.a_zero == other.a_zero
@@ -393,7 +413,7 @@ impl EvalOp for Int8MatMul {
         let s = s.as_slice::<f32>()?;
         // Safety: `dequantize_rows` writes every row of `y` (`out_data` has all `m`).
         let y = unsafe { written_tensor(&out_shape, |y| dequantize_rows(out_data, s, dq, y))? };
-        Ok(tvec![y.into_tvalue()])
+        Ok(tvec![dq.activate_tensor(y)?.into_tvalue()])
     }
 }
 
@@ -465,7 +485,7 @@ pub fn fold_enabled() -> bool {
 /// one thread, ~20 M values, where the random-init bench bundle's zero biases are dropped by
 /// tract). Returns how many were folded.
 fn fuse_dequantize(model: &mut TypedModel) -> TractResult<usize> {
-    use tract_onnx::tract_core::ops::{binary::TypedBinOp, cast::Cast, math::Add, math::Mul};
+    use tract_onnx::tract_core::ops::{binary::TypedBinOp, cast::Cast, element_wise::ElementWiseOp, math::Add, math::Mul, nn::GeluExact};
     let outputs = model.output_outlets()?.to_vec();
     // The node that alone reads `id`'s only output (not a graph output).
     let only_reader = |model: &TypedModel, id: usize| -> Option<usize> {
@@ -510,11 +530,17 @@ fn fuse_dequantize(model: &mut TypedModel) -> TractResult<usize> {
             let same_shape = model.outlet_fact(OutletId::new(add, 0)).ok()?.shape.to_tvec() == acc;
             (row && same_shape).then(|| Some((add, t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.into())))?
         });
+        let end = bias.as_ref().map_or(m2, |(add, _)| *add);
+        // And an exact GELU after that (f32, same shape).
+        let gelu = only_reader(model, end).filter(|&g| {
+            let node = model.node(g);
+            node.op_as::<ElementWiseOp>().is_some_and(|ew| ew.0.is::<GeluExact>() && ew.1.is_none()) && model.outlet_fact(OutletId::new(g, 0)).is_ok_and(|f| f.datum_type == f32::datum_type() && f.shape.to_tvec() == acc)
+        });
         let mut fused = mm.clone();
-        fused.dequantize = Some(Dequantize { scales: ws.try_as_plain_ram()?.as_slice::<f32>()?.into(), bias: bias.as_ref().map(|(_, b)| Arc::clone(b)) });
+        fused.dequantize = Some(Dequantize { scales: ws.try_as_plain_ram()?.as_slice::<f32>()?.into(), bias: bias.as_ref().map(|(_, b)| Arc::clone(b)), gelu: gelu.is_some() });
         let mut inputs = model.node(id).inputs.clone();
         inputs.push(row_scales);
-        swap_node(model, bias.map_or(m2, |(add, _)| add), fused, &inputs)?;
+        swap_node(model, gelu.unwrap_or(end), fused, &inputs)?;
         done += 1;
     }
     if done > 0 {

@@ -6,6 +6,7 @@
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
+use std::sync::Mutex;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -14,6 +15,7 @@ use super::rows::{written_tensor, Parts};
 use super::{helper_thread, with_threads, Int8MatMul};
 use crate::runtime::helper_thread::Disjoint;
 use crate::runtime::amx::{AmxWeights, Left, COLUMN_STEP};
+use crate::runtime::f32_ops::GeluExactF32;
 
 /// Row `r`'s columns `cols` of the `[rows, n]` matrix `m`.
 ///
@@ -23,19 +25,22 @@ unsafe fn row<'a, T>(m: Disjoint<'a, T>, n: usize, r: usize, cols: &Range<usize>
     unsafe { m.slice(r * n + cols.start..r * n + cols.end) }
 }
 
-/// Runs `part(columns)` over `0..n` as `parts` says (ranges of whole [`COLUMN_STEP`]s).
-fn run_columns(n: usize, rows: usize, parts: Parts, part: impl Fn(Range<usize>) + Sync) {
+/// Runs `part(columns)` over `0..n` as `parts` says (ranges of whole [`COLUMN_STEP`]s); the
+/// first error, if any.
+fn run_columns(n: usize, rows: usize, parts: Parts, part: impl Fn(Range<usize>) -> TractResult<()> + Sync) -> TractResult<()> {
     let steps = n / COLUMN_STEP;
     match parts {
         Parts::One => part(0..n),
         Parts::Halves => {
             let mid = steps.div_ceil(2) * COLUMN_STEP;
-            helper_thread::join(|| part(0..mid), || part(mid..n));
+            let (mut first, second) = (Ok(()), Mutex::new(Ok(())));
+            helper_thread::join(|| first = part(0..mid), || *second.lock().unwrap_or_else(|e| e.into_inner()) = part(mid..n));
+            first.and(second.into_inner().unwrap_or_else(|e| e.into_inner()))
         }
         Parts::Pool => with_threads(rows, || {
             use rayon::prelude::*;
             let per = steps.div_ceil(rayon::current_num_threads()).max(1) * COLUMN_STEP;
-            (0..n.div_ceil(per)).into_par_iter().for_each(|i| part(i * per..((i + 1) * per).min(n)))
+            (0..n.div_ceil(per)).into_par_iter().try_for_each(|i| part(i * per..((i + 1) * per).min(n)))
         }),
     }
 }
@@ -72,7 +77,11 @@ impl Int8MatMul {
             let out = unsafe {
                 written_tensor(out_shape, |out: &mut [MaybeUninit<i32>]| {
                     let out = Disjoint::new(out);
-                    run_columns(n, m, parts, |cols| sums(out.as_mut_ptr().cast::<i32>(), &cols))
+                    // `sums` cannot fail; nor can `run_columns` then.
+                    let _ = run_columns(n, m, parts, |cols| {
+                        sums(out.as_mut_ptr().cast::<i32>(), &cols);
+                        Ok(())
+                    });
                 })?
             };
             return Ok(out.into_tvalue());
@@ -85,18 +94,32 @@ impl Int8MatMul {
         // are replaced in place, while a part's columns are still in its L2: no second
         // `[m, N]` buffer (FC1's sums and output were 2 × 2.4 MB, more than a 2 MiB L2).
         // Safety: each column belongs to one part, which writes it in every row.
+        // A folded GELU runs on each row's columns right after them, still in L1.
+        let mut done = Ok(());
         let y = unsafe {
             written_tensor(out_shape, |y| {
                 let y = Disjoint::new(y);
-                run_columns(n, m, parts, |cols| {
+                done = run_columns(n, m, parts, |cols| {
                     sums(y.as_mut_ptr().cast::<i32>(), &cols);
+                    let mut gelu = if dq.gelu { Some(GeluExactF32::new()?) } else { None };
                     for (r, &sr) in s.iter().enumerate() {
                         // Safety: this part's columns of row r, holding its sums.
-                        dq.row_in_place(row(y, n, r, &cols), sr, cols.clone());
+                        let values = row(y, n, r, &cols);
+                        dq.row_in_place(values, sr, cols.clone());
+                        if let Some(gelu) = &mut gelu {
+                            // Safety: all written just now.
+                            gelu.run(std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<f32>(), values.len()))?;
+                        }
                     }
+                    Ok(())
                 });
+                if done.is_err() {
+                    // Safety: the elements are plain data; zeros before the tensor is dropped.
+                    std::ptr::write_bytes(y.as_mut_ptr(), 0, m * n);
+                }
             })?
         };
+        done?;
         Ok(y.into_tvalue())
     }
 }

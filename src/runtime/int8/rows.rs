@@ -151,7 +151,7 @@ impl Int8MatMul {
             })?
         };
         result?;
-        Ok(y.into_tvalue())
+        Ok(dq.activate_tensor(y)?.into_tvalue())
     }
 }
 
@@ -184,7 +184,7 @@ impl Int8MatMul {
         // Safety: `gemm_tiles_map` hands every row of `y` to one `finish`, and `dequantize_rows`
         // writes all of it.
         let y = unsafe { written_tensor(out_shape, |y| with_threads(m, || w.gemm_tiles_map(m, a0, row, y, |r0, acc, y| dequantize_rows(acc, &s[r0..], dq, y))))? };
-        Ok(y.into_tvalue())
+        Ok(dq.activate_tensor(y)?.into_tvalue())
     }
 }
 
