@@ -166,6 +166,15 @@ fn softmax_rows_of_every_length_match_the_definition() {
     }
 }
 
+/// `model` optimized with or without the f32 swaps (tract's own int8) and run on `input`: its
+/// ops' names and its f32 outputs.
+fn run_graph(model: &InferenceModel, input: &TVec<TValue>, swap: bool) -> (Vec<String>, Vec<Vec<f32>>) {
+    let (typed, _) = optimize_with(model.clone(), Int8Gemm::Tract, swap).expect("optimizes");
+    let names: Vec<String> = typed.nodes().iter().map(|n| n.op().name().to_string()).collect();
+    let out = typed.into_runnable().expect("runnable").run(input.clone()).expect("runs");
+    (names, out.iter().map(|t| t.to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect()).collect())
+}
+
 #[test]
 fn gelu_on_the_swapped_op_gives_tracts_bits_on_one_and_two_threads() {
     // ViT's MLP activation as the exporters write it: x/2 · (1 + erf(x/√2)), which tract's
@@ -191,10 +200,8 @@ fn gelu_on_the_swapped_op_gives_tracts_bits_on_one_and_two_threads() {
     let xv = random(&mut rng, m * n, 6.0);
     let input: TVec<TValue> = tvec![Tensor::from_shape(&[1, m, n], &xv).unwrap().into_tvalue()];
     let run = |swap: bool| {
-        let (typed, _) = optimize_with(model.clone(), Int8Gemm::Tract, swap).expect("optimizes");
-        let names: Vec<String> = typed.nodes().iter().map(|n| n.op().name().to_string()).collect();
-        let out = typed.into_runnable().expect("runnable").run(input.clone()).expect("runs");
-        (names, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect::<Vec<f32>>())
+        let (names, mut out) = run_graph(&model, &input, swap);
+        (names, out.swap_remove(0))
     };
     vitgpt2::runtime::set_threads(1);
     let (names, tract) = run(false);
@@ -258,10 +265,8 @@ fn layer_norms_on_the_swapped_op_match_tract_and_the_definition() {
         let model = tract_onnx::onnx().model_for_proto_model(&proto).expect("tract parses the graph");
         let input: TVec<TValue> = tvec![Tensor::from_shape(&[1, m, k], &xv).unwrap().into_tvalue()];
         let run = |swap: bool| {
-            let (typed, _) = optimize_with(model.clone(), Int8Gemm::Tract, swap).expect("optimizes");
-            let names: Vec<String> = typed.nodes().iter().map(|n| n.op().name().to_string()).collect();
-            let out = typed.into_runnable().expect("runnable").run(input.clone()).expect("runs");
-            (names, out[0].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect::<Vec<f32>>())
+            let (names, mut out) = run_graph(&model, &input, swap);
+            (names, out.swap_remove(0))
         };
         vitgpt2::runtime::set_threads(1);
         let (names, tract) = run(false);
@@ -323,11 +328,9 @@ fn a_residual_sum_folds_into_the_layer_norm_after_it() {
     let model = tract_onnx::onnx().model_for_proto_model(&proto).expect("tract parses the graph");
     let input: TVec<TValue> = tvec![Tensor::from_shape(&[1, m, k], &av).unwrap().into_tvalue(), Tensor::from_shape(&[1, m, k], &bv).unwrap().into_tvalue()];
     let run = |swap: bool| {
-        let (typed, _) = optimize_with(model.clone(), Int8Gemm::Tract, swap).expect("optimizes");
-        let names: Vec<String> = typed.nodes().iter().map(|n| n.op().name().to_string()).collect();
-        let out = typed.into_runnable().expect("runnable").run(input.clone()).expect("runs");
-        let vec = |i: usize| out[i].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect::<Vec<f32>>();
-        (names, vec(0), vec(1))
+        let (names, mut out) = run_graph(&model, &input, swap);
+        let y = out.swap_remove(1);
+        (names, out.swap_remove(0), y)
     };
     vitgpt2::runtime::set_threads(1);
     let (_, x_tract, y_tract) = run(false);
