@@ -127,15 +127,15 @@ impl AmxWeights {
     /// operand is multiplied as it lies (`TDPBSSD`, i8 × i8), a u8 one by `TDPBUSD`.
     ///
     /// # Safety
-    /// `out` is valid for writes of `rows · N` i32 (`rows = a.len() / K`), and no other thread
-    /// reads or writes its columns `cols` meanwhile. Panics as [`gemm`](Self::gemm) does, or if
+    /// `out` is valid for reads and writes of `rows · N` i32 (`rows = a.len() / K`), and no
+    /// other thread reads or writes its columns `cols` meanwhile. Panics as [`gemm`](Self::gemm) does, or if
     /// `cols` is not a range of whole column steps.
     pub unsafe fn gemm_columns(&self, a: Left<'_>, a0: i32, cols: Range<usize>, out: *mut i32) {
         let (k, n) = (self.k, self.n);
         let (bytes, signed) = a.bytes();
         let rows = bytes.len() / k;
         assert!(bytes.len() == rows * k, "AmxWeights::gemm: operand sizes");
-        assert!(cols.start % COLUMN_STEP == 0 && cols.end % COLUMN_STEP == 0 && cols.end <= n, "AmxWeights::gemm: columns {cols:?} of {n}");
+        assert!(cols.start <= cols.end && cols.start % COLUMN_STEP == 0 && cols.end % COLUMN_STEP == 0 && cols.end <= n, "AmxWeights::gemm: columns {cols:?} of {n}");
         assert!(available(), "AmxWeights::gemm without AMX");
         let k_tiles = k / TILE_K;
         let whole = rows / TILE_ROWS * TILE_ROWS;
@@ -210,8 +210,8 @@ impl Left<'_> {
     /// `Σ_k a[r, k]` for each row of `k` values.
     pub fn row_sums(&self, k: usize) -> Vec<i32> {
         match self {
-            Left::U8(a) => a.chunks_exact(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect(),
-            Left::I8(a) => a.chunks_exact(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect(),
+            Left::U8(a) => a.chunks_exact(k).map(|r| r.iter().fold(0i32, |s, &v| s.wrapping_add(v as i32))).collect(),
+            Left::I8(a) => a.chunks_exact(k).map(|r| r.iter().fold(0i32, |s, &v| s.wrapping_add(v as i32))).collect(),
         }
     }
 

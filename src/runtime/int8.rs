@@ -478,8 +478,8 @@ pub fn fold_enabled() -> bool {
 
 /// Folds the dequantization that follows an [`Int8MatMul`] into it: `Cast` to f32, `Mul` by the
 /// row scales (`[.., 1]`, computed per call) and `Mul` by constant column scales (`[N]`) — our
-/// fast layout's `matmul_int8` — and the bias `Add` after them where there is one (then an exact
-/// GELU after that: ViT's FC1), become its f32 output, computed in the same order with the same roundings (so bit-identical; IEEE
+/// fast layout's `matmul_int8` — and the bias `Add` after them where there is one, and an exact
+/// GELU after those (ViT's FC1) where there is one, become its f32 output, computed in the same order with the same roundings (so bit-identical; IEEE
 /// products and sums commute), without the intermediate tensors and three or four small ops per
 /// product (~300 per decoder step; a trained model's 97 bias adds of the encoder ran alone on
 /// one thread, ~20 M values, where the random-init bench bundle's zero biases are dropped by
@@ -527,7 +527,8 @@ fn fuse_dequantize(model: &mut TypedModel) -> TractResult<usize> {
             let other = (bin.0.is::<Add>() && node.inputs.len() == 2 && node.inputs.contains(&x)).then(|| if node.inputs[0] == x { node.inputs[1] } else { node.inputs[0] })?;
             let t = model.outlet_fact(other).ok()?.konst.clone()?;
             let row = t.datum_type() == f32::datum_type() && t.len() == mm.n && t.rank() <= rank && t.shape().last() == Some(&mm.n);
-            let same_shape = model.outlet_fact(OutletId::new(add, 0)).ok()?.shape.to_tvec() == acc;
+            let out = model.outlet_fact(OutletId::new(add, 0)).ok()?;
+            let same_shape = out.datum_type == f32::datum_type() && out.shape.to_tvec() == acc;
             (row && same_shape).then(|| Some((add, t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.into())))?
         });
         let end = bias.as_ref().map_or(m2, |(add, _)| *add);

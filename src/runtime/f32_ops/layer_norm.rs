@@ -37,7 +37,8 @@ enum Mean {
 
 /// `y = ((x − mean) · rsqrt(mean((x − mean)²) + ε)) · γ + β` over the last axis of an f32
 /// tensor (any leading shape; γ and β of the row's length, either absent when tract dropped it
-/// as neutral), each step as tract's expansion computes it. Output: same shape.
+/// as neutral): the steps of tract's expansion, but the row sum in 16 lanes (module docs).
+/// Output: same shape.
 ///
 /// With `residual`, the residual connection's sum before it too: inputs `a`, `b` (same shape),
 /// outputs `x = a + b` (the next residual connection reads it) and `y` of that `x`; the add
@@ -154,13 +155,19 @@ impl EvalOp for LayerNormRows {
             written_tensor(shape, |ys| {
                 done = if self.residual {
                     let mut done_sum = Ok(());
-                    sum = Some(written_tensor(shape, |s| {
+                    let made = written_tensor(shape, |s| {
                         done_sum = normalize(Rows::Sum(xs[0], xs[1], Disjoint::new(s)), ys);
                         if done_sum.is_err() {
                             s.fill(MaybeUninit::new(0.0));
                         }
-                    }));
-                    done_sum
+                    });
+                    // The sum's tensor not made: nothing was written (the error comes back).
+                    let done = match &made {
+                        Ok(_) => done_sum,
+                        Err(e) => Err(format_err!("LayerNormRows: the residual sum's output: {e}")),
+                    };
+                    sum = Some(made);
+                    done
                 } else {
                     normalize(Rows::One(xs[0]), ys)
                 };
@@ -225,10 +232,12 @@ fn residual_sum(model: &TypedModel, x: OutletId) -> Option<(OutletId, OutletId)>
     (computed(a) && computed(b)).then_some((a, b))
 }
 
-/// The node's only consumer, if it has exactly one (and one output).
+/// The node's only consumer, if it has exactly one (and one output, not a graph output: a value
+/// the graph returns is not an intermediate to fold away).
 fn only_successor(model: &TypedModel, id: usize) -> Option<usize> {
     let node = model.node(id);
-    (node.outputs.len() == 1 && node.outputs[0].successors.len() == 1).then(|| node.outputs[0].successors[0].node)
+    let returned = model.output_outlets().ok()?.contains(&OutletId::new(id, 0));
+    (node.outputs.len() == 1 && node.outputs[0].successors.len() == 1 && !returned).then(|| node.outputs[0].successors[0].node)
 }
 
 /// A constant of `k` f32 along the last axis (shape `[k]` or `[1, …, 1, k]`).

@@ -1,8 +1,8 @@
-//! An [`Int8MatMul`]'s work on a range of rows: the product (rten-gemm's packed weights or AMX
-//! tiles), the right zero point's correction and the folded dequantization, so that the
-//! encoder's products can run in parts (halves on [`helper_thread`] with 2 threads), each part
-//! doing all of its rows' work — as our AVX2 tiles' `eval_tiles` (here too) does through
-//! `GemvWeights::gemm_tiles_map`.
+//! An [`Int8MatMul`]'s work on a range of rows: the product (rten-gemm's packed weights), the
+//! right zero point's correction and the folded dequantization, so that the encoder's products
+//! can run in parts (halves on [`helper_thread`] with 2 threads), each part doing all of its
+//! rows' work — as our AVX2 tiles' `eval_tiles` (here too) does through
+//! `GemvWeights::gemm_tiles_map`. (AMX tiles split by columns instead: `int8::columns`.)
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -15,8 +15,9 @@ use tract_onnx::tract_core::internal::*;
 use super::{executor, helper_thread, with_threads, Dequantize, GemvWeights, Int8MatMul, Weights};
 
 /// `out[r, n] = Σ_k (a[r, k] − a0) · b[k, n]` for `a: [rows, K]` (u8) and many-row weights
-/// (rten-gemm's packed blocks or AMX tiles), every element of `out` (`[rows, N]`) written and
-/// returned as initialized (rten-gemm on the current rayon pool's threads, AMX on this one).
+/// (rten-gemm's packed blocks; AMX tiles too, though the op sends those to `int8::columns`),
+/// every element of `out` (`[rows, N]`) written and returned as initialized (rten-gemm on the
+/// current rayon pool's threads, AMX on this one).
 ///
 /// Errors: rten-gemm's (operand sizes), as a tract error.
 pub(super) fn product<'o>(weights: &Weights, a: &[u8], k: usize, a0: u8, out: &'o mut [MaybeUninit<i32>]) -> TractResult<&'o mut [i32]> {
