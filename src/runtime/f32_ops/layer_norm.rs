@@ -42,7 +42,7 @@ enum Mean {
 ///
 /// With `residual`, the residual connection's sum before it too: inputs `a`, `b` (same shape),
 /// outputs `x = a + b` (the next residual connection reads it) and `y` of that `x`; the add
-/// took 0.8–1.3 ms of the encoder on its own, one thread.
+/// took 0.7–1.3 ms of the encoder on its own, one thread.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerNormRows {
     mean: Mean,
