@@ -15,16 +15,15 @@ use tract_onnx::tract_core::internal::*;
 use super::{executor, helper_thread, with_threads, Dequantize, GemvWeights, Int8MatMul, Weights};
 
 /// `out[r, n] = Σ_k (a[r, k] − a0) · b[k, n]` for `a: [rows, K]` (u8) and many-row weights
-/// (rten-gemm's packed blocks; AMX tiles too, though the op sends those to `int8::columns`),
-/// every element of `out` (`[rows, N]`) written and returned as initialized (rten-gemm on the
-/// current rayon pool's threads, AMX on this one).
+/// (rten-gemm's packed blocks), every element of `out` (`[rows, N]`) written and returned as
+/// initialized, on the current rayon pool's threads.
 ///
 /// Errors: rten-gemm's (operand sizes), as a tract error.
 pub(super) fn product<'o>(weights: &Weights, a: &[u8], k: usize, a0: u8, out: &'o mut [MaybeUninit<i32>]) -> TractResult<&'o mut [i32]> {
     match weights {
         Weights::Packed(packed) => packed_product(packed, a, k, a0, out),
-        Weights::Amx(w) => Ok(w.gemm(crate::runtime::amx::Left::U8(a), a0 as i32, out)),
-        Weights::Gemv(_) | Weights::Tiles(_) => bail!("Int8MatMul: row product on few-row weights"),
+        // AMX tiles go by columns (`int8::columns`), few-row weights by their own kernels.
+        Weights::Amx(_) | Weights::Gemv(_) | Weights::Tiles(_) => bail!("Int8MatMul: row product on weights laid out for another kernel"),
     }
 }
 
