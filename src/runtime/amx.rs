@@ -148,6 +148,21 @@ impl AmxWeights {
         };
         let mut tail_out = vec![0i32; TILE_ROWS * COLUMN_STEP];
         let (two, one): (Kernel, Kernel) = if signed { (kernel_i8::<2>, kernel_i8::<1>) } else { (kernel_u8::<2>, kernel_u8::<1>) };
+        // The left zero point's correction, `− a0 · Σ_k b[k, n]`, on rows `rows` of the 32
+        // columns at `col`, right after the kernel wrote them (still in L1; a pass over the
+        // part's whole output afterwards read it back from L2).
+        let sums = &self.col_sums;
+        let correct = |rows: Range<usize>, col: usize| {
+            if a0 == 0 {
+                return;
+            }
+            let s = &sums[col..col + COLUMN_STEP];
+            for r in rows {
+                // Safety: row r's 32 columns at `col`, written just now, this call's alone.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * n + col), COLUMN_STEP) };
+                row.iter_mut().zip(s).for_each(|(o, &s)| *o = o.wrapping_sub(a0.wrapping_mul(s)));
+            }
+        };
         let _tiles = Tiles::configure();
         for pair in cols.start / COLUMN_STEP..cols.end / COLUMN_STEP {
             let col = pair * COLUMN_STEP;
@@ -163,25 +178,20 @@ impl AmxWeights {
                 let mut r = 0;
                 while r + 2 * TILE_ROWS <= whole {
                     two(bytes.as_ptr().add(r * k), k, b0, b1, k_tiles, out.add(r * n + col), 4 * n);
+                    correct(r..r + 2 * TILE_ROWS, col);
                     r += 2 * TILE_ROWS;
                 }
                 if r < whole {
                     one(bytes.as_ptr().add(r * k), k, b0, b1, k_tiles, out.add(r * n + col), 4 * n);
+                    correct(r..whole, col);
                 }
                 if whole < rows {
                     one(tail.as_ptr(), k, b0, b1, k_tiles, tail_out.as_mut_ptr(), 4 * COLUMN_STEP);
                     for (i, sums) in tail_out.chunks_exact(COLUMN_STEP).take(rows - whole).enumerate() {
                         std::ptr::copy_nonoverlapping(sums.as_ptr(), out.add((whole + i) * n + col), COLUMN_STEP);
                     }
+                    correct(whole..rows, col);
                 }
-            }
-        }
-        if a0 != 0 {
-            let sums = &self.col_sums[cols.clone()];
-            for r in 0..rows {
-                // Safety: row r's columns `cols`, written above, this call's alone.
-                let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * n + cols.start), cols.len()) };
-                row.iter_mut().zip(sums).for_each(|(o, &s)| *o = o.wrapping_sub(a0.wrapping_mul(s)));
             }
         }
     }
