@@ -151,12 +151,12 @@ impl AmxWeights {
         // The left zero point's correction, `− a0 · Σ_k b[k, n]`, on rows `rows` of the 32
         // columns at `col`, right after the kernel wrote them (still in L1; a pass over the
         // part's whole output afterwards read it back from L2).
-        let sums = &self.col_sums;
+        let col_sums = &self.col_sums;
         let correct = |rows: Range<usize>, col: usize| {
             if a0 == 0 {
                 return;
             }
-            let s = &sums[col..col + COLUMN_STEP];
+            let s = &col_sums[col..col + COLUMN_STEP];
             for r in rows {
                 // Safety: row r's 32 columns at `col`, written just now, this call's alone.
                 let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * n + col), COLUMN_STEP) };
