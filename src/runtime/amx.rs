@@ -225,6 +225,14 @@ impl Left<'_> {
         }
     }
 
+    /// The rows `rows` (of `k` values each). Panics if they are not all there (a caller's bug).
+    pub fn rows(&self, rows: Range<usize>, k: usize) -> Self {
+        match *self {
+            Left::U8(a) => Left::U8(&a[rows.start * k..rows.end * k]),
+            Left::I8(a) => Left::I8(&a[rows.start * k..rows.end * k]),
+        }
+    }
+
     /// The values' bytes, and whether they are signed.
     fn bytes(&self) -> (&[u8], bool) {
         match *self {

@@ -1,8 +1,13 @@
-//! An [`Int8MatMul`] on AMX tiles ([`AmxWeights`]) in column ranges: with 2 threads each takes
-//! half the columns of every row, so each reads half the weights and all 197 rows of the
-//! (small) left operand, where halving the rows had each read all the weights and pay the
-//! 197 rows' partial tile twice. A part does all of its columns' work: the product, the zero
-//! points' corrections and the folded dequantization.
+//! An [`Int8MatMul`] on AMX tiles ([`AmxWeights`]) in blocks of rows and columns. With 2
+//! threads the helper takes the rows from the multiple of 32 nearest below half (197: 96 + 101),
+//! all columns: each thread then reads all the weights, but its rows of the left operand are
+//! those its own half of the quantization wrote, and the rows of the output are those its own
+//! half of the next row-wise op (layer norm, quantization) reads, so that little data crosses
+//! between the cores. Half the columns each (half the weights each, every row crossing) was
+//! 8 % slower on the 2-thread encoder (README "Performance": a C copy of the loop lost 15–35 µs
+//! per 768 × 768 product to the other core's cache lines). With rayon's pool (3 threads or
+//! more) the parts are column ranges. A part does all of its block's work: the product, the
+//! zero points' corrections and the folded dequantization.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -25,28 +30,39 @@ unsafe fn row<'a, T>(m: Disjoint<'a, T>, n: usize, r: usize, cols: &Range<usize>
     unsafe { m.slice(r * n + cols.start..r * n + cols.end) }
 }
 
-/// Runs `part(columns)` over `0..n` as `parts` says (ranges of whole [`COLUMN_STEP`]s); the
-/// first error, if any.
-fn run_columns(n: usize, rows: usize, parts: Parts, part: impl Fn(Range<usize>) -> TractResult<()> + Sync) -> TractResult<()> {
+/// Rows of the AMX kernel's full step (two 16-row tiles): the helper's rows start at a multiple.
+const ROW_BLOCK: usize = 32;
+
+/// Runs `part(rows, columns)` over the `[m, n]` output as `parts` says: for
+/// [`Parts::Halves`] two row ranges split at a multiple of [`ROW_BLOCK`] (no partial tile in
+/// the first), or two column ranges where there are fewer than 63 rows; for
+/// [`Parts::Pool`] column ranges of whole [`COLUMN_STEP`]s. The first error, if any.
+fn run_blocks(n: usize, m: usize, parts: Parts, part: impl Fn(Range<usize>, Range<usize>) -> TractResult<()> + Sync) -> TractResult<()> {
     let steps = n / COLUMN_STEP;
     match parts {
-        Parts::One => part(0..n),
+        Parts::One => part(0..m, 0..n),
+        Parts::Halves if m.div_ceil(2) >= ROW_BLOCK => {
+            let mid = m.div_ceil(2) / ROW_BLOCK * ROW_BLOCK;
+            let (mut first, second) = (Ok(()), Mutex::new(Ok(())));
+            helper_thread::join(|| first = part(0..mid, 0..n), || *second.lock().unwrap_or_else(|e| e.into_inner()) = part(mid..m, 0..n));
+            first.and(second.into_inner().unwrap_or_else(|e| e.into_inner()))
+        }
         Parts::Halves => {
             let mid = steps.div_ceil(2) * COLUMN_STEP;
             let (mut first, second) = (Ok(()), Mutex::new(Ok(())));
-            helper_thread::join(|| first = part(0..mid), || *second.lock().unwrap_or_else(|e| e.into_inner()) = part(mid..n));
+            helper_thread::join(|| first = part(0..m, 0..mid), || *second.lock().unwrap_or_else(|e| e.into_inner()) = part(0..m, mid..n));
             first.and(second.into_inner().unwrap_or_else(|e| e.into_inner()))
         }
-        Parts::Pool => with_threads(rows, || {
+        Parts::Pool => with_threads(m, || {
             use rayon::prelude::*;
             let per = steps.div_ceil(rayon::current_num_threads()).max(1) * COLUMN_STEP;
-            (0..n.div_ceil(per)).into_par_iter().try_for_each(|i| part(i * per..((i + 1) * per).min(n)))
+            (0..n.div_ceil(per)).into_par_iter().try_for_each(|i| part(0..m, i * per..((i + 1) * per).min(n)))
         }),
     }
 }
 
 impl Int8MatMul {
-    /// The whole op on AMX tiles, `m` rows, the columns in parts ([`Parts`]). Same values as
+    /// The whole op on AMX tiles, `m` rows, in blocks as [`run_blocks`] cuts them. Same values as
     /// the other paths: each element's integer sum is exact, and its corrections and
     /// dequantization are the same operations in the same order.
     pub(super) fn eval_columns(&self, w: &AmxWeights, inputs: &TVec<TValue>, m: usize, a0: u8, out_shape: &[usize], parts: Parts) -> TractResult<TValue> {
@@ -58,28 +74,28 @@ impl Int8MatMul {
         ensure!(a.len() == m * k, "Int8MatMul: {} left values for {m} rows of {k}", a.len());
         // Σ_k (a − a0) per row, for the right operand's zero points: `− b0[n] · Σ_k (a − a0)`.
         let centered: Option<Vec<i32>> = self.b_zero.as_ref().map(|_| left.row_sums(k).into_iter().map(|s| s.wrapping_sub((k as i32).wrapping_mul(a0))).collect());
-        // A part's i32 sums, written into its columns of the `[m, N]` matrix at `acc` (an i32
-        // output, or the f32 output that they are then turned into in place), b0's correction
-        // taken off.
-        let sums = |acc: *mut i32, cols: &Range<usize>| {
-            // Safety: `acc` holds `[m, N]` 4-byte elements; this part alone uses its columns.
-            unsafe { w.gemm_columns(left, a0, cols.clone(), acc) };
+        // A part's i32 sums, written into its block (rows × columns) of the `[m, N]` matrix at
+        // `acc` (an i32 output, or the f32 output that they are then turned into in place), b0's
+        // correction taken off.
+        let sums = |acc: *mut i32, rows: &Range<usize>, cols: &Range<usize>| {
+            // Safety: `acc` holds `[m, N]` 4-byte elements; this part alone uses its block.
+            unsafe { w.gemm_columns(left.rows(rows.clone(), k), a0, cols.clone(), acc.add(rows.start * n)) };
             if let (Some(b_zero), Some(centered)) = (&self.b_zero, &centered) {
-                for (r, &c) in centered.iter().enumerate() {
-                    // Safety: as above; every element of these columns was written just now.
+                for (r, &c) in centered.iter().enumerate().take(rows.end).skip(rows.start) {
+                    // Safety: as above; every element of the block's row was written just now.
                     let row = unsafe { std::slice::from_raw_parts_mut(acc.add(r * n + cols.start), cols.len()) };
                     row.iter_mut().zip(&b_zero[cols.clone()]).for_each(|(o, &z)| *o = o.wrapping_sub(z.wrapping_mul(c)));
                 }
             }
         };
         let Some(dq) = &self.dequantize else {
-            // Safety: every element is written by `sums` (each column in one part).
+            // Safety: every element is written by `sums` (each in one part's block).
             let out = unsafe {
                 written_tensor(out_shape, |out: &mut [MaybeUninit<i32>]| {
                     let out = Disjoint::new(out);
-                    // `sums` cannot fail; nor can `run_columns` then.
-                    let _ = run_columns(n, m, parts, |cols| {
-                        sums(out.as_mut_ptr().cast::<i32>(), &cols);
+                    // `sums` cannot fail; nor can `run_blocks` then.
+                    let _ = run_blocks(n, m, parts, |rows, cols| {
+                        sums(out.as_mut_ptr().cast::<i32>(), &rows, &cols);
                         Ok(())
                     });
                 })?
@@ -91,19 +107,19 @@ impl Int8MatMul {
         let s = s.try_as_plain_ram()?;
         let s = s.as_slice::<f32>()?;
         // The sums go where their f32 values will be (i32 and f32: same size and alignment) and
-        // are replaced in place, while a part's columns are still in its L2: no second
-        // `[m, N]` buffer (FC1's sums and output were 2 × 2.4 MB, more than a 2 MiB L2).
-        // Safety: each column belongs to one part, which writes it in every row.
+        // are replaced in place, while a part's block is still in its L2: no second `[m, N]`
+        // buffer (FC1's sums and output were 2 × 2.4 MB, more than a 2 MiB L2).
+        // Safety: each element belongs to one part's block, which writes it.
         // A folded GELU runs on each row's columns right after them, still in L1.
         let mut done = Ok(());
         let y = unsafe {
             written_tensor(out_shape, |y| {
                 let y = Disjoint::new(y);
-                done = run_columns(n, m, parts, |cols| {
-                    sums(y.as_mut_ptr().cast::<i32>(), &cols);
+                done = run_blocks(n, m, parts, |rows, cols| {
+                    sums(y.as_mut_ptr().cast::<i32>(), &rows, &cols);
                     let mut gelu = if dq.gelu { Some(GeluExactF32::new()?) } else { None };
-                    for (r, &sr) in s.iter().enumerate() {
-                        // Safety: this part's columns of row r, holding its sums.
+                    for (r, &sr) in s.iter().enumerate().take(rows.end).skip(rows.start) {
+                        // Safety: this part's columns of its row r, holding their sums.
                         let values = row(y, n, r, &cols);
                         dq.row_in_place(values, sr, cols.clone());
                         if let Some(gelu) = &mut gelu {
