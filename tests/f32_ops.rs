@@ -1,6 +1,7 @@
 //! The f32 operators swapped at load (`runtime::f32_ops`) against tract's own and the
 //! definition (f64): attention `softmax(q·kᵀ)·v` with few and many query rows, broadcast batch
-//! (one image's cross-attention keys against a beam's queries), odd row lengths. Each case also
+//! (one image's cross-attention keys against a beam's queries), odd row lengths; the GELU, the
+//! layer norm and the axis moves that keep the last axis. Each case also
 //! checks how many nodes were swapped, so a comparison cannot pass by comparing tract with itself.
 #![cfg(feature = "host")]
 
@@ -352,6 +353,51 @@ fn a_residual_sum_folds_into_the_layer_norm_after_it() {
             let tol = 5e-7 * (gamma[c].abs() + beta[c].abs()) as f64 + 5e-7;
             let (o, t) = (y_ours[r * k + c] as f64, y_tract[r * k + c] as f64);
             assert!((o - want).abs() <= tol && (o - t).abs() <= 2.0 * tol, "row {r} col {c}: ours {o}, tract's {t}, want {want}");
+        }
+    }
+}
+
+#[test]
+fn axis_moves_on_the_swapped_op_give_tracts_values_on_one_and_two_threads() {
+    // ONNX Transposes that keep the last axis (the encoder's cross-attention keys/values into
+    // heads, [1, 197, 12, 64] by [0, 2, 1, 3], and others of ranks 3 and 4, a last axis of 1):
+    // tract turns them into axis moves, which f32_ops swaps for MoveAxisRows (with 2 threads
+    // the input's rows halved on the helper). A copy: every value where the definition puts it.
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rng = SplitMix::new(5);
+    for (shape, perm) in [(vec![1, 197, 12, 64], vec![0, 2, 1, 3]), (vec![3, 5, 4, 7], vec![2, 0, 1, 3]), (vec![17, 5, 3], vec![1, 0, 2]), (vec![2, 33, 4, 1], vec![0, 2, 1, 3])] {
+        let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
+        let mut g = GraphBuilder::new("transpose");
+        let dims = |v: &[usize]| v.iter().map(|&x| Dim::Fixed(x)).collect::<Vec<_>>();
+        let x = g.input("x", DataType::Float, &dims(&shape));
+        let y = g.node("Transpose", &[&x], vec![("perm", Attr::Ints(perm.iter().map(|&p| p as i64).collect()))]);
+        g.output(&y, "y", DataType::Float, &dims(&out_shape));
+        let proto = g.finish("transpose check", &[]);
+        let model = tract_onnx::onnx().model_for_proto_model(&proto).expect("tract parses the graph");
+        let xv = random(&mut rng, shape.iter().product(), 4.0);
+        let input: TVec<TValue> = tvec![Tensor::from_shape(&shape, &xv).unwrap().into_tvalue()];
+        // The definition: y[i] = x[i permuted back].
+        let strides: Vec<usize> = (0..shape.len()).map(|a| shape[a + 1..].iter().product()).collect();
+        let want: Vec<f32> = (0..xv.len())
+            .map(|mut i| {
+                let mut at = 0;
+                for o in (0..out_shape.len()).rev() {
+                    at += (i % out_shape[o]) * strides[perm[o]];
+                    i /= out_shape[o];
+                }
+                xv[at]
+            })
+            .collect();
+        vitgpt2::runtime::set_threads(1);
+        let (names, tract) = run_graph(&model, &input, false);
+        assert!(!names.iter().any(|n| n == "MoveAxisRows"), "tract's graph: {names:?}");
+        let (names, ours) = run_graph(&model, &input, true);
+        assert!(names.iter().any(|n| n == "MoveAxisRows"), "{shape:?} by {perm:?}: not swapped: {names:?}");
+        vitgpt2::runtime::set_threads(2);
+        let (_, ours_two) = run_graph(&model, &input, true);
+        vitgpt2::runtime::set_threads(1);
+        for (what, got) in [("tract", &tract[0]), ("1 thread", &ours[0]), ("2 threads", &ours_two[0])] {
+            assert!(got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: {shape:?} by {perm:?}");
         }
     }
 }

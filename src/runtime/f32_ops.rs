@@ -12,6 +12,8 @@
 //!   (`p·v`), reading the operand once, unpacked.
 //! - **Products of many rows by a non-constant matrix** ([`BatchedMatMul`]): the encoder's
 //!   attention, each head's product on rten-gemm's f32 kernel, the heads across threads.
+//! - **Axis moves that keep the last axis** ([`MoveAxisRows`]): the encoder's cross-attention
+//!   keys/values into heads, each row copied once, halved on 2 threads.
 //!
 //! Accuracy: rten-vecmath's softmax is within 3 ulp of the definition (its own tests); the
 //! products sum in another order than tract's (8 partial sums), a difference of the order of
@@ -27,8 +29,10 @@ use super::graph::swap_node;
 
 mod batched;
 mod layer_norm;
+mod move_axis;
 pub use batched::BatchedMatMul;
 pub use layer_norm::LayerNormRows;
+pub use move_axis::MoveAxisRows;
 
 /// Which f32 operators to swap (`VITGPT2_F32_OPS=tract` keeps tract's own, for comparison).
 pub fn enabled_from_env() -> bool {
@@ -41,7 +45,8 @@ const FEW_ROWS: usize = 16;
 
 /// Replaces tract's f32 softmax over the last axis by [`RowSoftmax`], its f32 `GeluExact` by
 /// [`GeluExactRows`], its f32 products of two non-constant operands by [`FewRowMatMul`]
-/// (under 16 rows) or [`BatchedMatMul`], and its layer normalizations by [`LayerNormRows`]. Run it
+/// (under 16 rows) or [`BatchedMatMul`], its f32 axis moves that keep the last axis by
+/// [`MoveAxisRows`], and its layer normalizations by [`LayerNormRows`]. Run it
 /// between tract's `declutter` and `optimize`. Returns how many nodes it replaced.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     let mut done = 0;
@@ -64,6 +69,9 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
         } else if let Some(ew) = node.op_as::<ElementWiseOp>() {
             let f32_in = model.outlet_fact(node.inputs[0])?.datum_type == f32::datum_type();
             (ew.0.is::<GeluExact>() && ew.1.is_none() && f32_in).then(|| Box::new(GeluExactRows) as _)
+        } else if let Some(&AxisOp::Move(from, to)) = node.op_as::<AxisOp>() {
+            let fact = model.outlet_fact(node.inputs[0])?;
+            MoveAxisRows::new(from, to, fact.rank()).filter(|_| fact.datum_type == f32::datum_type()).map(|op| Box::new(op) as _)
         } else {
             None
         };
