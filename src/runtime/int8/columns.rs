@@ -4,8 +4,9 @@
 //! those its own half of the quantization wrote, and the rows of the output are those its own
 //! half of the next row-wise op (layer norm, quantization) reads, so that little data crosses
 //! between the cores. Half the columns each (half the weights each, every row crossing) was
-//! 8 % slower on the 2-thread encoder (README "Performance": a C copy of the loop lost 15–35 µs
-//! per 768 × 768 product to the other core's cache lines). With rayon's pool (3 threads or
+//! 8 % slower on the 2-thread encoder (README "Performance"; a C copy of the loop, with a
+//! quantization before and a row-wise read after: 122–128 µs per 768 × 768 product in column
+//! halves, 106–108 µs in row halves, 186–188 µs on one core). With rayon's pool (3 threads or
 //! more) the parts are column ranges. A part does all of its block's work: the product, the
 //! zero points' corrections and the folded dequantization.
 
@@ -41,16 +42,16 @@ fn run_blocks(n: usize, m: usize, parts: Parts, part: impl Fn(Range<usize>, Rang
     let steps = n / COLUMN_STEP;
     match parts {
         Parts::One => part(0..m, 0..n),
-        Parts::Halves if m.div_ceil(2) >= ROW_BLOCK => {
-            let mid = m.div_ceil(2) / ROW_BLOCK * ROW_BLOCK;
-            let (mut first, second) = (Ok(()), Mutex::new(Ok(())));
-            helper_thread::join(|| first = part(0..mid, 0..n), || *second.lock().unwrap_or_else(|e| e.into_inner()) = part(mid..m, 0..n));
-            first.and(second.into_inner().unwrap_or_else(|e| e.into_inner()))
-        }
         Parts::Halves => {
-            let mid = steps.div_ceil(2) * COLUMN_STEP;
+            let ((rows_a, cols_a), (rows_b, cols_b)) = if m.div_ceil(2) >= ROW_BLOCK {
+                let mid = m.div_ceil(2) / ROW_BLOCK * ROW_BLOCK;
+                ((0..mid, 0..n), (mid..m, 0..n))
+            } else {
+                let mid = steps.div_ceil(2) * COLUMN_STEP;
+                ((0..m, 0..mid), (0..m, mid..n))
+            };
             let (mut first, second) = (Ok(()), Mutex::new(Ok(())));
-            helper_thread::join(|| first = part(0..m, 0..mid), || *second.lock().unwrap_or_else(|e| e.into_inner()) = part(0..m, mid..n));
+            helper_thread::join(|| first = part(rows_a, cols_a), || *second.lock().unwrap_or_else(|e| e.into_inner()) = part(rows_b.clone(), cols_b.clone()));
             first.and(second.into_inner().unwrap_or_else(|e| e.into_inner()))
         }
         Parts::Pool => with_threads(m, || {
