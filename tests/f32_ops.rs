@@ -401,3 +401,25 @@ fn axis_moves_on_the_swapped_op_give_tracts_values_on_one_and_two_threads() {
         }
     }
 }
+
+#[test]
+fn an_axis_move_of_an_empty_tensor_gives_an_empty_tensor() {
+    // tract folds a graph with an empty input to a constant, so the op runs here in a model of
+    // its own: an empty leading axis (nothing to count rows from) and an empty last one.
+    use vitgpt2::runtime::f32_ops::MoveAxisRows;
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    for threads in [1, 2] {
+        vitgpt2::runtime::set_threads(threads);
+        for (shape, from, to, want) in [([2, 0, 4], 1, 0, [0, 2, 4]), ([0, 3, 4], 0, 1, [3, 0, 4]), ([3, 5, 0], 0, 1, [5, 3, 0])] {
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", f32::fact(shape)).expect("source");
+            let op = MoveAxisRows::new(from, to, 3).expect("keeps the last axis");
+            let y = model.wire_node("move", op, &[x]).expect("wires");
+            model.select_output_outlets(&y).expect("output");
+            let x = Tensor::from_shape(&shape, &[] as &[f32]).unwrap();
+            let out = model.into_runnable().expect("runnable").run(tvec![x.into_tvalue()]).expect("runs");
+            assert_eq!(out[0].shape(), &want, "{shape:?}, {from} → {to}, {threads} threads");
+        }
+    }
+    vitgpt2::runtime::set_threads(1);
+}

@@ -122,14 +122,14 @@ impl AmxWeights {
 
     /// [`gemm`](Self::gemm) on the columns `cols` only (their ends multiples of
     /// [`COLUMN_STEP`]), written into the `[rows, N]` i32 matrix at `out`: so that threads can
-    /// each take a range of columns, each reading only its share of the weights (the rows split
-    /// instead, each thread read them all and the 197 rows' tail tile was paid twice). An i8 left
-    /// operand is multiplied as it lies (`TDPBSSD`, i8 × i8), a u8 one by `TDPBUSD`.
+    /// each take a block of the output, rows (a sub-slice of `a`, `out` at its first row) and
+    /// columns (`int8::columns`). An i8 left operand is multiplied as it lies (`TDPBSSD`, i8 × i8),
+    /// a u8 one by `TDPBUSD`.
     ///
     /// # Safety
     /// `out` is valid for reads and writes of `rows · N` i32 (`rows = a.len() / K`), and no
-    /// other thread reads or writes its columns `cols` meanwhile. Panics as [`gemm`](Self::gemm) does, or if
-    /// `cols` is not a range of whole column steps.
+    /// other thread reads or writes its columns `cols` of those rows meanwhile. Panics as
+    /// [`gemm`](Self::gemm) does, or if `cols` is not a range of whole column steps.
     pub unsafe fn gemm_columns(&self, a: Left<'_>, a0: i32, cols: Range<usize>, out: *mut i32) {
         let (k, n) = (self.k, self.n);
         let (bytes, signed) = a.bytes();

@@ -340,9 +340,9 @@ impl EvalOp for Int8MatMul {
         if let (Weights::Tiles(w), None) = (&self.weights, &self.b_zero) {
             return Ok(tvec![self.eval_tiles(w, &inputs, m, a0, &out_shape)?]);
         }
-        // AMX always in parts of columns (its dequantization rides on the product); rten-gemm
-        // in parts of rows where the helper thread takes half (otherwise below, rten-gemm
-        // spreading its own blocks).
+        // AMX always in its own blocks (`columns::run_blocks`; its dequantization rides on the
+        // product); rten-gemm in parts of rows where the helper thread takes half (otherwise
+        // below, rten-gemm spreading its own blocks).
         let halves = on_helper(m);
         let parts = if halves {
             rows::Parts::Halves

@@ -97,7 +97,8 @@ impl EvalOp for MoveAxisRows {
         let y = unsafe {
             written_tensor::<f32>(&out_shape, |y| {
                 let y = Disjoint::new(y);
-                if d == 0 {
+                // Nothing to copy (and a leading axis of 0 has no index to start from).
+                if d == 0 || rows == 0 {
                     return;
                 }
                 if on_helper(rows) {

@@ -1,5 +1,5 @@
 //! An [`Int8MatMul`] on AMX tiles ([`AmxWeights`]) in blocks of rows and columns. With 2
-//! threads the helper takes the rows from the multiple of 32 nearest below half (197: 96 + 101),
+//! threads the helper takes the rows from the multiple of 16 nearest below half (197: 96 + 101),
 //! all columns: each thread then reads all the weights, but its rows of the left operand are
 //! those its own half of the quantization wrote, and the rows of the output are those its own
 //! half of the next row-wise op (layer norm, quantization) reads, so that little data crosses
@@ -31,12 +31,13 @@ unsafe fn row<'a, T>(m: Disjoint<'a, T>, n: usize, r: usize, cols: &Range<usize>
     unsafe { m.slice(r * n + cols.start..r * n + cols.end) }
 }
 
-/// Rows of the AMX kernel's full step (two 16-row tiles): the helper's rows start at a multiple.
-const ROW_BLOCK: usize = 32;
+/// Rows of an AMX tile: the helper's rows start at a multiple, so that the first part has no
+/// partial tile.
+const ROW_BLOCK: usize = 16;
 
 /// Runs `part(rows, columns)` over the `[m, n]` output as `parts` says: for
 /// [`Parts::Halves`] two row ranges split at a multiple of [`ROW_BLOCK`] (no partial tile in
-/// the first), or two column ranges where there are fewer than 63 rows; for
+/// the first), or two column ranges where there are fewer than 31 rows; for
 /// [`Parts::Pool`] column ranges of whole [`COLUMN_STEP`]s. The first error, if any.
 fn run_blocks(n: usize, m: usize, parts: Parts, part: impl Fn(Range<usize>, Range<usize>) -> TractResult<()> + Sync) -> TractResult<()> {
     let steps = n / COLUMN_STEP;
