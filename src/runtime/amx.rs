@@ -25,8 +25,8 @@ use std::sync::OnceLock;
 
 use super::weight_memory::WeightBuf;
 
-/// Rows of a tile.
-const TILE_ROWS: usize = 16;
+/// Rows of a tile (a part of rows starting at a multiple has no partial tile but its last).
+pub const TILE_ROWS: usize = 16;
 /// k values (u8 bytes) of a left tile.
 const TILE_K: usize = 64;
 /// i32 columns of an output tile.

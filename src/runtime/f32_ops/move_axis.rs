@@ -3,7 +3,8 @@
 //! tract zeroes its output, then copies into it, on one thread: 2.0 ms of the encoder at 1 and
 //! at 2 threads (README "Performance"). Here each input row (the last axis, contiguous) is
 //! copied once to where it goes, and with 2 threads the helper copies the second half of the
-//! input's rows: those its own half of the product before wrote (`int8::columns`).
+//! input's rows: about those its own half of the product before wrote (`int8::columns`; for
+//! the keys/values, positions from 98.5 against the product's 96).
 
 use std::mem::MaybeUninit;
 use std::ops::Range;

@@ -20,7 +20,7 @@ use tract_onnx::tract_core::internal::*;
 use super::rows::{written_tensor, Parts};
 use super::{helper_thread, with_threads, Int8MatMul};
 use crate::runtime::helper_thread::Disjoint;
-use crate::runtime::amx::{AmxWeights, Left, COLUMN_STEP};
+use crate::runtime::amx::{AmxWeights, Left, COLUMN_STEP, TILE_ROWS};
 use crate::runtime::f32_ops::GeluExactF32;
 
 /// Row `r`'s columns `cols` of the `[rows, n]` matrix `m`.
@@ -31,12 +31,8 @@ unsafe fn row<'a, T>(m: Disjoint<'a, T>, n: usize, r: usize, cols: &Range<usize>
     unsafe { m.slice(r * n + cols.start..r * n + cols.end) }
 }
 
-/// Rows of an AMX tile: the helper's rows start at a multiple, so that the first part has no
-/// partial tile.
-const ROW_BLOCK: usize = 16;
-
 /// Runs `part(rows, columns)` over the `[m, n]` output as `parts` says: for
-/// [`Parts::Halves`] two row ranges split at a multiple of [`ROW_BLOCK`] (no partial tile in
+/// [`Parts::Halves`] two row ranges split at a multiple of [`TILE_ROWS`] (no partial tile in
 /// the first), or two column ranges where there are fewer than 31 rows; for
 /// [`Parts::Pool`] column ranges of whole [`COLUMN_STEP`]s. The first error, if any.
 fn run_blocks(n: usize, m: usize, parts: Parts, part: impl Fn(Range<usize>, Range<usize>) -> TractResult<()> + Sync) -> TractResult<()> {
@@ -44,8 +40,8 @@ fn run_blocks(n: usize, m: usize, parts: Parts, part: impl Fn(Range<usize>, Rang
     match parts {
         Parts::One => part(0..m, 0..n),
         Parts::Halves => {
-            let ((rows_a, cols_a), (rows_b, cols_b)) = if m.div_ceil(2) >= ROW_BLOCK {
-                let mid = m.div_ceil(2) / ROW_BLOCK * ROW_BLOCK;
+            let ((rows_a, cols_a), (rows_b, cols_b)) = if m.div_ceil(2) >= TILE_ROWS {
+                let mid = m.div_ceil(2) / TILE_ROWS * TILE_ROWS;
                 ((0..mid, 0..n), (mid..m, 0..n))
             } else {
                 let mid = steps.div_ceil(2) * COLUMN_STEP;
